@@ -48,6 +48,86 @@ impl Weight for f64 {
     }
 }
 
+/// A per-node reduction: an accumulator folded over weights and merged up the trie.
+trait Reduce {
+    type Acc: Copy + Send;
+    const EMPTY: Self::Acc;
+    /// Whether a NaN weight always reaches the root's value.
+    const PROPAGATES_NAN: bool;
+    fn push(acc: Self::Acc, w: f64) -> Self::Acc;
+    fn merge(a: Self::Acc, b: Self::Acc) -> Self::Acc;
+    fn value(acc: Self::Acc) -> f64;
+}
+
+struct Sum;
+impl Reduce for Sum {
+    type Acc = f64;
+    const EMPTY: f64 = 0.0;
+    const PROPAGATES_NAN: bool = true;
+    #[inline]
+    fn push(acc: f64, w: f64) -> f64 {
+        acc + w
+    }
+    #[inline]
+    fn merge(a: f64, b: f64) -> f64 {
+        a + b
+    }
+    #[inline]
+    fn value(acc: f64) -> f64 {
+        acc
+    }
+}
+
+struct Max;
+impl Reduce for Max {
+    type Acc = f64;
+    const EMPTY: f64 = f64::NEG_INFINITY;
+    const PROPAGATES_NAN: bool = false;
+    #[inline]
+    fn push(acc: f64, w: f64) -> f64 {
+        if w > acc { w } else { acc }
+    }
+    #[inline]
+    fn merge(a: f64, b: f64) -> f64 {
+        Self::push(a, b)
+    }
+    #[inline]
+    fn value(acc: f64) -> f64 {
+        acc
+    }
+}
+
+/// `(m, s)`: a running max and the sum of `exp(w - m)`, so every node is exact
+/// relative to its own max however far it is from the global one.
+struct LogSumExp;
+impl Reduce for LogSumExp {
+    type Acc = (f64, f64);
+    const EMPTY: (f64, f64) = (f64::NEG_INFINITY, 0.0);
+    const PROPAGATES_NAN: bool = false;
+    #[inline]
+    fn push(acc: (f64, f64), w: f64) -> (f64, f64) {
+        Self::merge(acc, (w, 1.0))
+    }
+    #[inline]
+    fn merge((ma, sa): (f64, f64), (mb, sb): (f64, f64)) -> (f64, f64) {
+        if mb == f64::NEG_INFINITY {
+            (ma, sa)
+        } else if ma == f64::NEG_INFINITY {
+            (mb, sb)
+        } else if mb > ma {
+            (mb, sa * (ma - mb).exp() + sb)
+        } else if mb < ma {
+            (ma, sa + sb * (mb - ma).exp())
+        } else {
+            (ma, sa + sb)
+        }
+    }
+    #[inline]
+    fn value((m, s): (f64, f64)) -> f64 {
+        if m.is_finite() { m + s.ln() } else { m }
+    }
+}
+
 /// The trie; see the module documentation for the layout.
 #[derive(Debug, Clone)]
 pub struct Trie {
@@ -67,6 +147,9 @@ pub struct Trie {
     tok_lo: Vec<u32>,
     /// The node of each token's full byte string.
     token_node: Vec<u32>,
+    /// Depth of each node (its prefix length), and the largest.
+    depth: Vec<u32>,
+    max_depth: usize,
 }
 
 impl Trie {
@@ -78,6 +161,7 @@ impl Trie {
         let mut parent = vec![0u32];
         let mut byte = vec![0u8];
         let mut end = vec![0u32];
+        let mut depth = vec![0u32];
         let mut token_node = vec![0u32; tokens.len()];
         // `path[d]` is the node of the current prefix of length d.
         let mut path: Vec<u32> = vec![0];
@@ -94,6 +178,7 @@ impl Trie {
                 parent.push(*path.last().unwrap());
                 byte.push(b);
                 end.push(0);
+                depth.push(path.len() as u32);
                 path.push(id);
             }
             token_node[t as usize] = *path.last().unwrap();
@@ -130,7 +215,20 @@ impl Trie {
             tok_lo[i + 1] += tok_lo[i];
         }
 
-        Trie { parent, byte, end, child_start, child_byte, child_node, sorted_tokens: order, tok_lo, token_node }
+        let max_depth = depth.iter().copied().max().unwrap_or(0) as usize;
+        Trie {
+            parent,
+            byte,
+            end,
+            child_start,
+            child_byte,
+            child_node,
+            sorted_tokens: order,
+            tok_lo,
+            token_node,
+            depth,
+            max_depth,
+        }
     }
 
     pub fn num_nodes(&self) -> usize {
@@ -211,149 +309,135 @@ impl Trie {
         ws.iter().position(|w| w.to_f64().is_nan())
     }
 
+    /// Nodes `lo..hi` (a union of whole subtrees of the root's children) bottom-up
+    /// into `out` (indexed from `lo`); returns the fold of the depth-1 nodes.
+    ///
+    /// In reverse preorder a node comes right after its whole subtree, so one
+    /// pending accumulator per depth is enough: node `c` at depth `d` takes the
+    /// fold of its children from slot `d + 1` and adds itself into slot `d`.
+    /// Every array is read sequentially except the gather from `ws`.
+    fn fold_range<R: Reduce, W: Weight>(&self, ws: &[W], lo: usize, hi: usize, out: &mut [f64]) -> R::Acc {
+        let mut pending = vec![R::EMPTY; self.max_depth + 2];
+        // Gather the range's token weights in trie order first, so that the
+        // bottom-up loop below reads only sequential memory.
+        let base = self.tok_lo[lo] as usize;
+        let gathered: Vec<f64> = self.sorted_tokens[base..self.tok_lo[hi] as usize]
+            .iter()
+            .map(|&t| ws[t as usize].to_f64())
+            .collect();
+        let depth = &self.depth[lo..hi];
+        let bounds = &self.tok_lo[lo..=hi];
+        for i in (0..hi - lo).rev() {
+            let d = depth[i] as usize;
+            let mut acc = std::mem::replace(&mut pending[d + 1], R::EMPTY);
+            for &w in &gathered[bounds[i] as usize - base..bounds[i + 1] as usize - base] {
+                acc = R::push(acc, w);
+            }
+            out[i] = R::value(acc);
+            pending[d] = R::merge(pending[d], acc);
+        }
+        pending[1]
+    }
+
+    /// The root's children subtrees grouped into about `parts` runs of similar size.
+    fn node_runs(&self, parts: usize) -> Vec<(usize, usize)> {
+        let n = self.num_nodes();
+        let target = (n / parts.max(1)).max(1);
+        let mut runs = Vec::new();
+        let mut lo = 1;
+        for &c in self.children(0).1 {
+            let end = self.end[c as usize] as usize;
+            if end - lo >= target {
+                runs.push((lo, end));
+                lo = end;
+            }
+        }
+        if lo < n {
+            runs.push((lo, n));
+        }
+        runs
+    }
+
+    /// One row: the root's subtrees in parallel runs when `parallel`, then the root.
+    fn fold_row<R: Reduce, W: Weight>(&self, ws: &[W], out: &mut [f64], parallel: bool) {
+        let (root, rest) = out.split_first_mut().expect("a trie has a root");
+        let parts = if parallel { 2 * rayon::current_num_threads() } else { 1 };
+        let mut chunks = Vec::new();
+        let mut tail = rest;
+        for (lo, hi) in self.node_runs(parts) {
+            let (head, next) = std::mem::take(&mut tail).split_at_mut(hi - lo);
+            chunks.push((lo, hi, head));
+            tail = next;
+        }
+        let fold = |(lo, hi, chunk): (usize, usize, &mut [f64])| self.fold_range::<R, W>(ws, lo, hi, chunk);
+        let folds: Vec<R::Acc> = if parallel && chunks.len() > 1 {
+            chunks.into_par_iter().map(fold).collect()
+        } else {
+            chunks.into_iter().map(fold).collect()
+        };
+        let mut acc = folds.into_iter().fold(R::EMPTY, R::merge);
+        for &t in self.tokens_at(0) {
+            acc = R::push(acc, ws[t as usize].to_f64());
+        }
+        *root = R::value(acc);
+    }
+
+    fn reduce<R: Reduce, W: Weight>(&self, ws: &[W], rows: usize, out: &mut [f64]) -> Result<(), TrieError> {
+        let (v, n) = (self.vocab_size(), self.num_nodes());
+        self.check_len("weights", ws.len(), rows * v)?;
+        self.check_len("output", out.len(), rows * n)?;
+        let row_of = |r: usize| &ws[r * v..(r + 1) * v];
+        // Sums propagate NaN to the root, so only a NaN root needs a scan; a max
+        // would drop NaN silently, so those rows are scanned up front.
+        let check = |r: usize, root: Option<f64>| match root {
+            Some(x) if !x.is_nan() => Ok(()),
+            _ => match Self::first_nan(row_of(r)) {
+                Some(index) => Err(TrieError::NanWeight { row: r, index }),
+                None => Ok(()),
+            },
+        };
+        if !R::PROPAGATES_NAN {
+            (0..rows).try_for_each(|r| check(r, None))?;
+        }
+        if rows == 1 {
+            self.fold_row::<R, W>(ws, out, true);
+        } else if v > 0 {
+            out.par_chunks_mut(n).zip(ws.par_chunks(v)).for_each(|(o, w)| self.fold_row::<R, W>(w, o, false));
+        } else {
+            out.chunks_mut(n).for_each(|o| self.fold_row::<R, W>(&[], o, false));
+        }
+        if R::PROPAGATES_NAN {
+            (0..rows).try_for_each(|r| check(r, Some(out[r * n])))?;
+        }
+        Ok(())
+    }
+
     /// Per node, the sum of the weights of the tokens under it.
     pub fn weight_sum<W: Weight>(&self, ws: &[W], out: &mut [f64]) -> Result<(), TrieError> {
-        self.check_len("weights", ws.len(), self.vocab_size())?;
-        self.check_len("output", out.len(), self.num_nodes())?;
-        self.sum_row(ws, out).map_err(|index| TrieError::NanWeight { row: 0, index })
+        self.reduce::<Sum, W>(ws, 1, out)
     }
 
-    fn sum_row<W: Weight>(&self, ws: &[W], out: &mut [f64]) -> Result<(), usize> {
-        self.scatter(ws, out, 0.0, |acc, w| acc + w);
-        for c in (1..out.len()).rev() {
-            let v = out[c];
-            out[self.parent[c] as usize] += v;
-        }
-        // NaN anywhere reaches the root; so does inf - inf, which is not an error.
-        if out[0].is_nan() {
-            if let Some(i) = Self::first_nan(ws) {
-                return Err(i);
-            }
-        }
-        Ok(())
-    }
-
-    /// Set each node to the `combine`-fold of the weights of the tokens ending exactly there.
-    fn scatter<W: Weight>(&self, ws: &[W], out: &mut [f64], init: f64, combine: impl Fn(f64, f64) -> f64) {
-        for (node, o) in out.iter_mut().enumerate() {
-            let lo = self.tok_lo[node] as usize;
-            let hi = self.tok_lo[node + 1] as usize;
-            *o = self.sorted_tokens[lo..hi].iter().fold(init, |acc, &t| combine(acc, ws[t as usize].to_f64()));
-        }
-    }
-
-    /// Per node, the max of the weights of the tokens under it.
+    /// Per node, the max of the weights of the tokens under it (`-inf` for none).
     pub fn weight_max<W: Weight>(&self, ws: &[W], out: &mut [f64]) -> Result<(), TrieError> {
-        self.check_len("weights", ws.len(), self.vocab_size())?;
-        self.check_len("output", out.len(), self.num_nodes())?;
-        self.max_row(ws, out).map_err(|index| TrieError::NanWeight { row: 0, index })
-    }
-
-    fn max_row<W: Weight>(&self, ws: &[W], out: &mut [f64]) -> Result<(), usize> {
-        if let Some(i) = Self::first_nan(ws) {
-            return Err(i);
-        }
-        self.scatter(ws, out, f64::NEG_INFINITY, f64::max);
-        for c in (1..out.len()).rev() {
-            let v = out[c];
-            let p = &mut out[self.parent[c] as usize];
-            if v > *p {
-                *p = v;
-            }
-        }
-        Ok(())
+        self.reduce::<Max, W>(ws, 1, out)
     }
 
     /// Per node, `ln(sum(exp(logws)))` over the tokens under it, stable at every node.
     pub fn weight_logsumexp<W: Weight>(&self, logws: &[W], out: &mut [f64]) -> Result<(), TrieError> {
-        self.check_len("log-weights", logws.len(), self.vocab_size())?;
-        self.check_len("output", out.len(), self.num_nodes())?;
-        let mut scale = vec![0.0; self.num_nodes()];
-        self.logsumexp_row(logws, out, &mut scale).map_err(|index| TrieError::NanWeight { row: 0, index })
+        self.reduce::<LogSumExp, W>(logws, 1, out)
     }
 
-    /// `out` carries each node's running max `m`, `scale` its sum of `exp(w - m)`.
-    fn logsumexp_row<W: Weight>(&self, ws: &[W], out: &mut [f64], scale: &mut [f64]) -> Result<(), usize> {
-        if let Some(i) = Self::first_nan(ws) {
-            return Err(i);
-        }
-        self.scatter(ws, out, f64::NEG_INFINITY, f64::max);
-        for (node, s) in scale.iter_mut().enumerate() {
-            let m = out[node];
-            let lo = self.tok_lo[node] as usize;
-            let hi = self.tok_lo[node + 1] as usize;
-            *s = if m == f64::NEG_INFINITY || m == f64::INFINITY {
-                (lo < hi) as u8 as f64
-            } else {
-                self.sorted_tokens[lo..hi].iter().map(|&t| (ws[t as usize].to_f64() - m).exp()).sum()
-            };
-        }
-        for c in (1..out.len()).rev() {
-            let (mc, sc) = (out[c], scale[c]);
-            if mc == f64::NEG_INFINITY {
-                continue;
-            }
-            let p = self.parent[c] as usize;
-            let (mp, sp) = (out[p], scale[p]);
-            if mc > mp {
-                scale[p] = if mp == f64::NEG_INFINITY { sc } else { sp * (mp - mc).exp() + sc };
-                out[p] = mc;
-            } else if mc == mp {
-                scale[p] = sp + sc;
-            } else {
-                scale[p] = sp + sc * (mc - mp).exp();
-            }
-        }
-        for (o, &s) in out.iter_mut().zip(scale.iter()) {
-            if o.is_finite() {
-                *o += s.ln();
-            }
-        }
-        Ok(())
-    }
-
-    fn batch<W: Weight>(
-        &self,
-        ws: &[W],
-        rows: usize,
-        out: &mut [f64],
-        row_fn: impl Fn(&[W], &mut [f64]) -> Result<(), usize> + Sync,
-    ) -> Result<(), TrieError> {
-        let (v, n) = (self.vocab_size(), self.num_nodes());
-        self.check_len("weights", ws.len(), rows * v)?;
-        self.check_len("output", out.len(), rows * n)?;
-        if v == 0 {
-            return self.batch_empty(rows, out, &row_fn);
-        }
-        out.par_chunks_mut(n)
-            .zip(ws.par_chunks(v))
-            .enumerate()
-            .try_for_each(|(row, (o, w))| row_fn(w, o).map_err(|index| TrieError::NanWeight { row, index }))
-    }
-
-    fn batch_empty<W: Weight>(
-        &self,
-        rows: usize,
-        out: &mut [f64],
-        row_fn: &impl Fn(&[W], &mut [f64]) -> Result<(), usize>,
-    ) -> Result<(), TrieError> {
-        for o in out.chunks_mut(self.num_nodes()).take(rows) {
-            row_fn(&[], o).map_err(|index| TrieError::NanWeight { row: 0, index })?;
-        }
-        Ok(())
-    }
-
-    /// [`Trie::weight_sum`] of each row of the row-major `(rows, V)` array `ws`.
+    /// [`Trie::weight_sum`] of each row of the row-major `(rows, V)` array `ws`, rows in parallel.
     pub fn batch_weight_sum<W: Weight>(&self, ws: &[W], rows: usize, out: &mut [f64]) -> Result<(), TrieError> {
-        self.batch(ws, rows, out, |w, o| self.sum_row(w, o))
+        self.reduce::<Sum, W>(ws, rows, out)
     }
 
     pub fn batch_weight_max<W: Weight>(&self, ws: &[W], rows: usize, out: &mut [f64]) -> Result<(), TrieError> {
-        self.batch(ws, rows, out, |w, o| self.max_row(w, o))
+        self.reduce::<Max, W>(ws, rows, out)
     }
 
     pub fn batch_weight_logsumexp<W: Weight>(&self, ws: &[W], rows: usize, out: &mut [f64]) -> Result<(), TrieError> {
-        self.batch(ws, rows, out, |w, o| self.logsumexp_row(w, o, &mut vec![0.0; self.num_nodes()]))
+        self.reduce::<LogSumExp, W>(ws, rows, out)
     }
 
     fn mask_of(&self, out: &mut [u8], tokens: impl Iterator<Item = u32>) -> Result<(), TrieError> {

@@ -39,6 +39,9 @@ impl Decoder {
 
     /// The bytes that `piece` stands for.
     pub fn decode(&self, piece: &[u8]) -> Result<Vec<u8>, VocabError> {
+        if let Some(Step::ByteLevel) = self.steps.first() {
+            return byte_level_bytes(piece);
+        }
         let mut text = piece.to_vec();
         for step in &self.steps {
             match step {

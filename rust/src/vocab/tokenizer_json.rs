@@ -1,84 +1,127 @@
 //! Reading a Hugging Face `tokenizers` JSON (`tokenizer.json`, or
 //! `PreTrainedTokenizerFast.backend_tokenizer.to_str()`) into a [`RawVocab`].
 
+use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
+use serde::Deserialize;
 use serde_json::Value;
 
 use super::decoder::{Decoder, Step, METASPACE};
 use super::{PieceKind, RawVocab, VocabError};
 
+/// The parts of a tokenizer JSON that decide token bytes. Everything else, the
+/// merges above all (as large as the vocabulary), is skipped unparsed.
+#[derive(Deserialize)]
+struct TokenizerFile {
+    model: Model,
+    #[serde(default)]
+    added_tokens: Vec<AddedToken>,
+    #[serde(default)]
+    decoder: Value,
+    #[serde(default)]
+    pre_tokenizer: Value,
+}
+
+#[derive(Deserialize)]
+struct Model {
+    #[serde(rename = "type")]
+    kind: Option<String>,
+    vocab: Option<Pieces>,
+    merges: Option<IgnoredAny>,
+    continuing_subword_prefix: Option<IgnoredAny>,
+}
+
+#[derive(Deserialize)]
+struct AddedToken {
+    id: usize,
+    content: String,
+}
+
 /// The pieces, added tokens and decoder chain of a tokenizer JSON.
 pub fn read(text: &str) -> Result<RawVocab, VocabError> {
-    let root: Value =
+    let file: TokenizerFile =
         serde_json::from_str(text).map_err(|e| VocabError::Format(format!("invalid JSON: {e}")))?;
-    let model = root.get("model").ok_or_else(|| VocabError::Format("no \"model\" entry".into()))?;
-    let mut raw = RawVocab { decoder: decoder_of(&root)?, ..Default::default() };
-    read_model_vocab(model, &mut raw)?;
-    if let Some(added) = root.get("added_tokens").and_then(Value::as_array) {
-        for token in added {
-            let id = token.get("id").and_then(Value::as_u64);
-            let content = token.get("content").and_then(Value::as_str);
-            match (id, content) {
-                (Some(id), Some(content)) => {
-                    raw.set(id as usize, content.as_bytes().to_vec(), PieceKind::Verbatim)
-                }
-                _ => return Err(VocabError::Format(format!("added token without id/content: {token}"))),
-            }
-        }
+    let mut raw = RawVocab { decoder: decoder_of(&file.decoder, &file.pre_tokenizer)?, ..Default::default() };
+    read_model_vocab(file.model, &mut raw)?;
+    for token in file.added_tokens {
+        raw.set(token.id, token.content.into_bytes(), PieceKind::Verbatim);
     }
     Ok(raw)
 }
 
-fn model_type(model: &Value) -> &str {
-    if let Some(t) = model.get("type").and_then(Value::as_str) {
+/// A model's vocabulary, read straight into pieces by id: a `{piece: id}` map
+/// (BPE, WordPiece, WordLevel) or a `[[piece, score], ...]` list (Unigram).
+struct Pieces {
+    by_id: Vec<Option<Vec<u8>>>,
+    is_list: bool,
+}
+
+impl<'de> Deserialize<'de> for Pieces {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> Visitor<'de> for Visit {
+            type Value = Pieces;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a {piece: id} map or a [[piece, score], ...] list")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Pieces, A::Error> {
+                let mut by_id = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some((piece, id)) = map.next_entry::<String, usize>()? {
+                    if id >= by_id.len() {
+                        by_id.resize(id + 1, None);
+                    }
+                    by_id[id] = Some(piece.into_bytes());
+                }
+                Ok(Pieces { by_id, is_list: false })
+            }
+
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pieces, A::Error> {
+                let mut by_id = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                while let Some((piece, _score)) = seq.next_element::<(String, IgnoredAny)>()? {
+                    by_id.push(Some(piece.into_bytes()));
+                }
+                Ok(Pieces { by_id, is_list: true })
+            }
+        }
+        d.deserialize_any(Visit)
+    }
+}
+
+fn model_type(model: &Model) -> &str {
+    if let Some(t) = &model.kind {
         return t;
     }
     // Older files leave the type out; the fields tell the models apart.
-    match model.get("vocab") {
-        Some(Value::Array(_)) => "Unigram",
-        _ if model.get("merges").is_some() => "BPE",
-        _ if model.get("continuing_subword_prefix").is_some() => "WordPiece",
+    match &model.vocab {
+        Some(p) if p.is_list => "Unigram",
+        _ if model.merges.is_some() => "BPE",
+        _ if model.continuing_subword_prefix.is_some() => "WordPiece",
         _ => "WordLevel",
     }
 }
 
-fn read_model_vocab(model: &Value, raw: &mut RawVocab) -> Result<(), VocabError> {
-    let kind = model_type(model);
-    let vocab = model.get("vocab").ok_or_else(|| VocabError::Format(format!("{kind} model has no vocab")))?;
-    match (kind, vocab) {
-        ("BPE" | "WordPiece" | "WordLevel", Value::Object(map)) => {
-            for (piece, id) in map {
-                let id = id.as_u64().ok_or_else(|| {
-                    VocabError::Format(format!("{kind} vocab entry {piece:?} has a non-integer id"))
-                })?;
-                raw.set(id as usize, piece.as_bytes().to_vec(), PieceKind::Decoded);
-            }
+fn read_model_vocab(model: Model, raw: &mut RawVocab) -> Result<(), VocabError> {
+    let kind = model_type(&model).to_owned();
+    let pieces = model.vocab.ok_or_else(|| VocabError::Format(format!("{kind} model has no vocab")))?;
+    match (kind.as_str(), pieces.is_list) {
+        ("BPE" | "WordPiece" | "WordLevel", false) | ("Unigram", true) => {
+            raw.pieces = pieces.by_id.into_iter().map(|p| p.map(|p| (p, PieceKind::Decoded))).collect();
+            Ok(())
         }
-        ("Unigram", Value::Array(entries)) => {
-            for (id, entry) in entries.iter().enumerate() {
-                let piece = entry.get(0).and_then(Value::as_str).ok_or_else(|| {
-                    VocabError::Format(format!("Unigram vocab entry {id} is not [piece, score]"))
-                })?;
-                raw.set(id, piece.as_bytes().to_vec(), PieceKind::Decoded);
-            }
-        }
-        _ => return Err(VocabError::Unsupported(format!("model type {kind:?} with this vocab layout"))),
+        _ => Err(VocabError::Unsupported(format!("model type {kind:?} with this vocab layout"))),
     }
-    Ok(())
 }
 
-fn decoder_of(root: &Value) -> Result<Decoder, VocabError> {
-    match root.get("decoder") {
-        Some(d) if !d.is_null() => {
-            let mut steps = Vec::new();
-            push_steps(d, &mut steps)?;
-            Ok(Decoder::new(steps))
-        }
+fn decoder_of(decoder: &Value, pre_tokenizer: &Value) -> Result<Decoder, VocabError> {
+    if decoder.is_null() {
         // No decoder: a byte-level pre-tokenizer still means byte-level pieces.
-        _ if root.get("pre_tokenizer").map_or(false, mentions_byte_level) => {
-            Ok(Decoder::new(vec![Step::ByteLevel]))
-        }
-        _ => Ok(Decoder::default()),
+        let steps = if mentions_byte_level(pre_tokenizer) { vec![Step::ByteLevel] } else { vec![] };
+        return Ok(Decoder::new(steps));
     }
+    let mut steps = Vec::new();
+    push_steps(decoder, &mut steps)?;
+    Ok(Decoder::new(steps))
 }
 
 fn mentions_byte_level(v: &Value) -> bool {
@@ -97,7 +140,7 @@ fn str_field<'a>(d: &'a Value, key: &str, default: &'a str) -> &'a str {
 }
 
 /// Append the per-token steps of the decoder `d` (see the module docs of `decoder`).
-pub fn push_steps(d: &Value, steps: &mut Vec<Step>) -> Result<(), VocabError> {
+fn push_steps(d: &Value, steps: &mut Vec<Step>) -> Result<(), VocabError> {
     let kind = d.get("type").and_then(Value::as_str).unwrap_or("");
     match kind {
         "Sequence" => {
@@ -137,11 +180,7 @@ pub fn push_steps(d: &Value, steps: &mut Vec<Step>) -> Result<(), VocabError> {
 /// A decoder chain from its JSON alone (used for slow tokenizers' pieces).
 pub fn decoder_from_json(text: &str) -> Result<Decoder, VocabError> {
     let d: Value = serde_json::from_str(text).map_err(|e| VocabError::Format(format!("invalid decoder JSON: {e}")))?;
-    let mut steps = Vec::new();
-    if !d.is_null() {
-        push_steps(&d, &mut steps)?;
-    }
-    Ok(Decoder::new(steps))
+    decoder_of(&d, &Value::Null)
 }
 
 #[cfg(test)]
