@@ -12,9 +12,13 @@ setup:
 assets: setup
 	@$(ASSETS) vocabs >/dev/null
 	@$(ASSETS) tokenizers >/dev/null
+	@$(ASSETS) smollm2 >/dev/null
 
+# The seed example on the default model (SmolLM2-135M), under asyncio and trio.
 demo: setup
-	@$(PY) examples/vocab_demo.py "$$($(ASSETS) smollm2)"
+	@model="$$($(ASSETS) smollm2)" && \
+	echo "== asyncio: examples/seed_example.py" && $(PY) examples/seed_example.py "$$model" && \
+	echo "== trio: examples/seed_example_trio.py" && $(PY) examples/seed_example_trio.py "$$model"
 
 test-rust: setup
 	cargo test --release --quiet
@@ -26,6 +30,7 @@ test: test-rust test-python
 
 bench: assets
 	$(PY) benches/bench_vocab_trie.py
+	$(PY) benches/bench_sis.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache

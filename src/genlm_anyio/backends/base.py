@@ -1,0 +1,197 @@
+"""The interface every language-model backend implements, and what they share:
+input validation, batching, sampling, and the context-manager protocol."""
+from __future__ import annotations
+
+import abc
+import operator
+from typing import Any, Sequence
+
+import anyio
+import torch
+
+from ..batching import Batcher, BatchStats
+from ..vocab import Token, decode_vocab, tokens_from_bytes
+
+TokenIds = tuple[int, ...]
+
+
+def _as_ids(token_ids: Any, vocab_size: int, name: str = "token_ids") -> TokenIds:
+    """``token_ids`` as a tuple of ints in ``[0, vocab_size)``, or a named error."""
+    if isinstance(token_ids, torch.Tensor):
+        if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.is_complex():
+            raise TypeError(f"{name} must be a 1-D integer tensor, not {token_ids.dtype} of shape {tuple(token_ids.shape)}")
+        token_ids = token_ids.tolist()
+    elif isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence) and not hasattr(token_ids, "__array__"):
+        raise TypeError(f"{name} must be a sequence of token ids, not {type(token_ids).__name__}")
+    ids = []
+    for i, t in enumerate(token_ids):
+        if isinstance(t, bool):
+            raise TypeError(f"{name}[{i}] must be an int, not bool")
+        try:
+            ids.append(operator.index(t))
+        except TypeError:
+            raise TypeError(f"{name}[{i}] must be an int, not {type(t).__name__} ({t!r})") from None
+    if not ids:
+        raise ValueError(f"{name} must not be empty")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"{name} holds {bad}, outside the vocabulary [0, {vocab_size})")
+    return tuple(ids)
+
+
+class AsyncLM(abc.ABC):
+    """A language model that answers next-token log-probability requests.
+
+    Every async method works under asyncio and trio, from any number of
+    concurrent tasks: concurrent requests are computed together in batches by one
+    worker thread per model. Every ``*_sync`` method works from plain threads.
+
+    Attributes:
+        tokenizer: the Hugging Face tokenizer.
+        byte_vocab: the bytes of each token id, as :class:`Token` (``len == vocab_size``).
+        str_vocab: a string form of each token.
+        vocab_size: the length of every log-probability vector.
+    """
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        vocab_size: int | None = None,
+        *,
+        max_batch_size: int = 128,
+        max_batch_tokens: int | None = None,
+    ):
+        self.tokenizer = tokenizer
+        byte_vocab, self.str_vocab = decode_vocab(tokenizer)
+        self.vocab_size = vocab_size or len(byte_vocab)
+        if self.vocab_size > len(byte_vocab):
+            # The model's output layer is padded beyond the tokenizer: ids with no token.
+            pad = self.vocab_size - len(byte_vocab)
+            byte_vocab = tokens_from_bytes([bytes(t) for t in byte_vocab] + [b""] * pad)
+            self.str_vocab = self.str_vocab + [""] * pad
+        self.byte_vocab: list[Token] = byte_vocab[: self.vocab_size]
+        self.str_vocab = self.str_vocab[: self.vocab_size]
+        self._batcher: Batcher[TokenIds, torch.Tensor] = Batcher(
+            self._batch_logprobs,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+            size=len,
+            name=f"genlm-anyio-{type(self).__name__}",
+        )
+
+    # -- what a backend provides --------------------------------------------------
+    @abc.abstractmethod
+    def _batch_logprobs(self, batch: list[TokenIds]) -> list[torch.Tensor]:
+        """Log-probabilities (float32, ``(vocab_size,)``) for distinct sequences; runs in the worker thread."""
+
+    def clear_cache(self) -> None:
+        """Drop every cached computation (no-op where nothing is cached)."""
+
+    def _release(self) -> None:
+        """Free the backend's resources (the batcher is already closed)."""
+
+    # -- requests ---------------------------------------------------------------------
+    def _ids(self, token_ids: Any, name: str = "token_ids") -> TokenIds:
+        return _as_ids(token_ids, self.vocab_size, name)
+
+    async def next_token_logprobs(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """Log-probabilities of the next token after ``token_ids``: float32 ``(vocab_size,)``."""
+        return await self._batcher.submit(self._ids(token_ids))
+
+    def next_token_logprobs_sync(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """:meth:`next_token_logprobs` from synchronous code."""
+        return self._batcher.submit_sync([self._ids(token_ids)])[0]
+
+    def _many(self, token_ids_list: Sequence[Sequence[int]]) -> list[TokenIds]:
+        if isinstance(token_ids_list, (str, bytes)) or not isinstance(token_ids_list, Sequence):
+            raise TypeError(f"token_ids_list must be a sequence of sequences, not {type(token_ids_list).__name__}")
+        if not token_ids_list:
+            raise ValueError("token_ids_list must not be empty")
+        return [self._ids(ids, f"token_ids_list[{i}]") for i, ids in enumerate(token_ids_list)]
+
+    async def batch_next_token_logprobs(self, token_ids_list: Sequence[Sequence[int]]) -> torch.Tensor:
+        """:meth:`next_token_logprobs` of each sequence: float32 ``(len(token_ids_list), vocab_size)``."""
+        return torch.stack(await self._batcher.submit_many(self._many(token_ids_list)))
+
+    def batch_next_token_logprobs_sync(self, token_ids_list: Sequence[Sequence[int]]) -> torch.Tensor:
+        """:meth:`batch_next_token_logprobs` from synchronous code."""
+        return torch.stack(self._batcher.submit_sync(self._many(token_ids_list)))
+
+    @property
+    def batch_stats(self) -> BatchStats:
+        """Counters of the batching engine (requests, shared requests, batches)."""
+        return self._batcher.stats
+
+    # -- sampling ---------------------------------------------------------------------
+    async def sample(
+        self,
+        prompt_token_ids: Sequence[int],
+        max_tokens: int,
+        eos_token_ids: Sequence[int],
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list[int]:
+        """Sample up to ``max_tokens`` tokens after the prompt, stopping at (and
+        leaving out) any of ``eos_token_ids``. The same seed gives the same tokens."""
+        prompt = list(self._ids(prompt_token_ids, "prompt_token_ids"))
+        if max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, not {max_tokens}")
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, not {temperature}")
+        eos = set(eos_token_ids)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        generated: list[int] = []
+        for _ in range(max_tokens):
+            logprobs = await self.next_token_logprobs(prompt + generated)
+            probs = torch.softmax(logprobs.float().cpu() / temperature, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=generator).item())
+            if token in eos:
+                break
+            generated.append(token)
+        return generated
+
+    async def batch_sample(
+        self,
+        prompt_token_ids_list: Sequence[Sequence[int]],
+        max_tokens: int,
+        eos_token_ids: Sequence[int],
+        temperature: float = 1.0,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """:meth:`sample` for each prompt, concurrently (so their steps batch together).
+        With a seed, prompt ``i`` uses ``seed + i``."""
+        prompts = self._many(prompt_token_ids_list)
+        results: list[list[int]] = [[] for _ in prompts]
+
+        async def one(i: int) -> None:
+            results[i] = await self.sample(
+                prompts[i], max_tokens, eos_token_ids, temperature, None if seed is None else seed + i
+            )
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(prompts)):
+                tg.start_soon(one, i)
+        return results
+
+    # -- lifetime ---------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the worker and free the model's caches; the object is unusable afterwards."""
+        if not self._batcher.closed:
+            self._batcher.close()
+            self._release()
+
+    async def aclose(self) -> None:
+        """:meth:`close`, without blocking the event loop while a running batch finishes."""
+        await anyio.to_thread.run_sync(self.close)
+
+    def __enter__(self) -> "AsyncLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> "AsyncLM":
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

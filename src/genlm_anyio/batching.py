@@ -1,0 +1,312 @@
+"""The batching engine: requests from any number of tasks, one batch at a time.
+
+Each model owns one :class:`Batcher` and one worker thread that runs its batches,
+so event loops stay responsive while a batch computes. Requests come from
+coroutines under asyncio or trio (through AnyIO) or from plain threads; nothing
+about an event loop outlives the request that captured it, so one model serves
+successive ``asyncio.run``/``trio.run`` calls and loops in several threads.
+
+When the model is idle, the first request of a round leads it: it yields to its
+event loop until no more requests arrive (every task that was ready to ask has
+asked), then releases the batch. There is no timer. Requests that arrive while
+a batch computes go into the next batch as soon as the model is free.
+
+Identical pending or running requests share one computation. A cancelled
+caller only stops waiting: a request nobody waits for any more is dropped if it
+has not started, and its batch is unaffected if it has. An exception raised
+while computing a batch reaches every caller of that batch.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from typing import Callable, Generic, Hashable, Sequence, TypeVar
+
+import anyio
+import anyio.lowlevel
+import sniffio
+
+K = TypeVar("K", bound=Hashable)
+R = TypeVar("R")
+
+# A leader yields at most this many times while the queue keeps growing.
+_MAX_GATHER_ROUNDS = 64
+
+
+class ClosedError(RuntimeError):
+    """The model was closed; it computes nothing more."""
+
+
+@dataclass
+class BatchStats:
+    """Counters of a :class:`Batcher`."""
+
+    requests: int = 0
+    """Requests submitted."""
+    shared: int = 0
+    """Requests answered by an identical pending or running request."""
+    batches: int = 0
+    """Batches computed."""
+    batched_requests: int = 0
+    """Distinct requests computed, over all batches."""
+    largest_batch: int = 0
+
+
+class _Request(Generic[K, R]):
+    __slots__ = ("key", "size", "result", "error", "done", "waiters", "wakers")
+
+    def __init__(self, key: K, size: int):
+        self.key = key
+        self.size = size
+        self.result: R | None = None
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self.waiters = 0
+        self.wakers: list[Callable[[], None]] = []
+
+
+def _loop_waker(callback: Callable[[], None]) -> Callable[[], None]:
+    """A thread-safe, non-blocking way to run ``callback`` in the current event loop."""
+    library = sniffio.current_async_library()
+    if library == "asyncio":
+        import asyncio
+
+        loop = asyncio.get_running_loop()
+        return lambda: loop.call_soon_threadsafe(callback)
+    if library == "trio":
+        import trio
+
+        token = trio.lowlevel.current_trio_token()
+        return lambda: token.run_sync_soon(callback)
+    raise RuntimeError(f"unsupported async library {library!r}")
+
+
+class Batcher(Generic[K, R]):
+    """Gathers requests into batches for ``compute``, run in a worker thread.
+
+    Args:
+        compute: maps a list of distinct keys to their results, in order.
+        max_batch_size: at most this many requests per batch.
+        max_batch_tokens: at most this much ``size(key)`` per batch (one request
+            larger than that still runs, alone).
+        size: the size of a request, for ``max_batch_tokens``.
+        name: the worker thread's name.
+    """
+
+    def __init__(
+        self,
+        compute: Callable[[list[K]], Sequence[R]],
+        *,
+        max_batch_size: int = 128,
+        max_batch_tokens: int | None = None,
+        size: Callable[[K], int] = lambda key: 1,
+        name: str = "genlm-anyio-batcher",
+    ):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
+        if max_batch_tokens is not None and max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be at least 1, not {max_batch_tokens}")
+        self._compute = compute
+        self._max_batch_size = max_batch_size
+        self._max_batch_tokens = max_batch_tokens
+        self._size = size
+        self._name = name
+        self._cond = threading.Condition()
+        self._pending: dict[K, _Request[K, R]] = {}
+        self._running: dict[K, _Request[K, R]] = {}
+        self._release = False  # the pending requests may go
+        self._leading = False  # a coroutine is gathering a round
+        self._busy = False  # the worker is computing or handing out results
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        self.stats = BatchStats()
+
+    # -- submitting -----------------------------------------------------------------
+    def _enqueue(self, key: K) -> _Request[K, R]:
+        """Register interest in ``key`` (the condition's lock is held)."""
+        if self._closed:
+            raise ClosedError("this model is closed")
+        self.stats.requests += 1
+        req = self._pending.get(key) or self._running.get(key)
+        if req is None:
+            req = _Request(key, self._size(key))
+            self._pending[key] = req
+        else:
+            self.stats.shared += 1
+        req.waiters += 1
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
+            self._thread.start()
+        return req
+
+    def _release_pending(self) -> None:
+        with self._cond:
+            self._release = True
+            self._leading = False
+            self._cond.notify()
+
+    async def _lead(self) -> None:
+        """Yield until the round stops growing, then release it."""
+        try:
+            seen = -1
+            for _ in range(_MAX_GATHER_ROUNDS):
+                with self._cond:
+                    if self._release or len(self._pending) == seen:
+                        break
+                    seen = len(self._pending)
+                await anyio.lowlevel.cancel_shielded_checkpoint()
+        finally:
+            self._release_pending()
+
+    async def submit(self, key: K) -> R:
+        """The result for ``key``, computed in a batch with the other pending requests."""
+        with self._cond:
+            req = self._enqueue(key)
+            lead = not (self._busy or self._release or self._leading)
+            if lead:
+                self._leading = True
+        if lead:
+            await self._lead()
+        return await self._wait(req)
+
+    async def submit_many(self, keys: Sequence[K]) -> list[R]:
+        """Results for all ``keys``, submitted together and released at once."""
+        with self._cond:
+            reqs = [self._enqueue(key) for key in keys]
+            self._release = True
+            self._cond.notify()
+        results: list[R | None] = [None] * len(reqs)
+        waiting = list(reqs)
+        try:
+            for i, req in enumerate(reqs):
+                results[i] = await self._wait(req, abandon=False)
+                waiting.remove(req)
+        finally:
+            for req in waiting:
+                self._abandon(req)
+        return results  # type: ignore[return-value]
+
+    def submit_sync(self, keys: Sequence[K]) -> list[R]:
+        """Results for ``keys``, from a plain thread (blocks it)."""
+        with self._cond:
+            reqs = [self._enqueue(key) for key in keys]
+            self._release = True
+            self._cond.notify()
+        try:
+            for req in reqs:
+                req.done.wait()
+        finally:
+            for req in reqs:
+                self._abandon(req)
+        return [self._outcome(req) for req in reqs]
+
+    @staticmethod
+    def _outcome(req: _Request[K, R]) -> R:
+        if req.error is not None:
+            raise req.error
+        return req.result  # type: ignore[return-value]
+
+    async def _wait(self, req: _Request[K, R], abandon: bool = True) -> R:
+        try:
+            if not req.done.is_set():
+                event = anyio.Event()
+                waker = _loop_waker(event.set)
+                with self._cond:
+                    ready = req.done.is_set()
+                    if not ready:
+                        req.wakers.append(waker)
+                if not ready:
+                    await event.wait()
+            else:
+                await anyio.lowlevel.checkpoint()
+        finally:
+            if abandon:
+                self._abandon(req)
+        return self._outcome(req)
+
+    def _abandon(self, req: _Request[K, R]) -> None:
+        """One waiter fewer; an unstarted request with none left is dropped."""
+        with self._cond:
+            req.waiters -= 1
+            if req.waiters == 0 and self._pending.get(req.key) is req:
+                del self._pending[req.key]
+
+    # -- the worker -----------------------------------------------------------------
+    def _take(self) -> list[_Request[K, R]]:
+        batch: list[_Request[K, R]] = []
+        tokens = 0
+        for req in self._pending.values():
+            if len(batch) == self._max_batch_size:
+                break
+            if self._max_batch_tokens is not None and batch and tokens + req.size > self._max_batch_tokens:
+                break
+            batch.append(req)
+            tokens += req.size
+        for req in batch:
+            del self._pending[req.key]
+            self._running[req.key] = req
+        return batch
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and not (self._pending and self._release):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                batch = self._take()
+                # Leftovers (batch limits) go next, with no new round to gather.
+                self._release = bool(self._pending)
+                self._busy = True
+            try:
+                results = self._compute([req.key for req in batch])
+                if len(results) != len(batch):
+                    raise RuntimeError(f"compute returned {len(results)} results for {len(batch)} requests")
+                error = None
+            except BaseException as exc:  # delivered to every caller of the batch
+                results, error = [None] * len(batch), exc
+            with self._cond:
+                self.stats.batches += 1
+                self.stats.batched_requests += len(batch)
+                self.stats.largest_batch = max(self.stats.largest_batch, len(batch))
+                wakers = []
+                for req, result in zip(batch, results):
+                    req.result, req.error = result, error
+                    del self._running[req.key]
+                    req.done.set()
+                    wakers.extend(req.wakers)
+                # Callers resume only after every result is out, and the next
+                # round's leader waits for that before it measures the queue.
+                for wake in wakers:
+                    try:
+                        wake()
+                    except RuntimeError:  # that caller's event loop has ended
+                        pass
+                self._busy = False
+                if self._pending:
+                    self._release = True
+
+    def close(self) -> None:
+        """Stop the worker; pending requests fail with :class:`ClosedError`."""
+        with self._cond:
+            if self._closed:
+                return
+            self._closed = True
+            stranded = list(self._pending.values())
+            self._pending.clear()
+            self._cond.notify_all()
+            thread = self._thread
+        for req in stranded:
+            req.error = ClosedError("the model was closed before this request ran")
+            req.done.set()
+            for wake in req.wakers:
+                try:
+                    wake()
+                except RuntimeError:
+                    pass
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
