@@ -63,7 +63,8 @@ class PrefixKVCache:
         self._clock = 0
         self._size = min(self.capacity, 1024)
         # Slot 0 is all zeros: the padding of gathered pasts.
-        self.keys = torch.zeros((self.layers, self._size, self.heads, self.head_dim), dtype=self.dtype, device=self.device)
+        # Slot-major, so that gathering or storing a token moves one contiguous row.
+        self.keys = torch.zeros((self._size, self.layers, self.heads, self.head_dim), dtype=self.dtype, device=self.device)
         self.values = torch.zeros_like(self.keys)
         self._free = list(range(self._size - 1, 0, -1))
         self.stats.in_use = 0
@@ -103,9 +104,10 @@ class PrefixKVCache:
         for b, row in enumerate(slot_rows):
             index[b, : len(row)] = torch.tensor(row, dtype=torch.long)
         flat = index.view(-1).to(self.device)
-        shape = (self.layers, len(slot_rows), length, self.heads, self.head_dim)
-        keys = self.keys.index_select(1, flat).view(shape).transpose(2, 3)
-        values = self.values.index_select(1, flat).view(shape).transpose(2, 3)
+        shape = (len(slot_rows), length, self.layers, self.heads, self.head_dim)
+        # (batch, length, layers, heads, dim) -> (layers, batch, heads, length, dim)
+        keys = self.keys.index_select(0, flat).view(shape).permute(2, 0, 3, 1, 4)
+        values = self.values.index_select(0, flat).view(shape).permute(2, 0, 3, 1, 4)
         return keys, values, length
 
     # -- storing --------------------------------------------------------------------
@@ -115,9 +117,9 @@ class PrefixKVCache:
             size = min(self.capacity, size * 2)
         if size == self._size:
             return
-        pad = (self.layers, size - self._size, self.heads, self.head_dim)
-        self.keys = torch.cat([self.keys, torch.zeros(pad, dtype=self.dtype, device=self.device)], dim=1)
-        self.values = torch.cat([self.values, torch.zeros(pad, dtype=self.dtype, device=self.device)], dim=1)
+        pad = (size - self._size, self.layers, self.heads, self.head_dim)
+        self.keys = torch.cat([self.keys, torch.zeros(pad, dtype=self.dtype, device=self.device)])
+        self.values = torch.cat([self.values, torch.zeros(pad, dtype=self.dtype, device=self.device)])
         self._free.extend(range(size - 1, self._size - 1, -1))
         self._size = size
 
@@ -166,7 +168,7 @@ class PrefixKVCache:
         return node
 
     def write(self, slots: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store ``(layers, len(slots), heads, head_dim)`` keys and values in ``slots``."""
+        """Store ``(len(slots), layers, heads, head_dim)`` keys and values in ``slots``."""
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
-        self.keys.index_copy_(1, index, keys.to(self.dtype))
-        self.values.index_copy_(1, index, values.to(self.dtype))
+        self.keys.index_copy_(0, index, keys.to(self.dtype))
+        self.values.index_copy_(0, index, values.to(self.dtype))

@@ -40,6 +40,19 @@ def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
+def _seed(kv: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Put the gathered past, ``(layers, batch, heads, length, dim)``, into an empty DynamicCache."""
+    for layer in range(keys.shape[0]):
+        if hasattr(kv, "layers"):
+            # Create the layer with an empty update, then hand it the past as is:
+            # the model's own update concatenates it with the new tokens, the one
+            # copy that is needed (a plain update would copy it once more).
+            kv.update(keys[layer, :, :, :0], values[layer, :, :, :0], layer)
+            kv.layers[layer].keys, kv.layers[layer].values = keys[layer], values[layer]
+        else:
+            kv.update(keys[layer], values[layer], layer)
+
+
 class AsyncTransformer(AsyncLM):
     """A transformers causal LM with autobatching and a shared prefix KV cache.
 
@@ -207,8 +220,7 @@ class AsyncTransformer(AsyncLM):
             kv = DynamicCache()
             if past_len:
                 keys, values, _ = cache.gather(past)
-                for layer in range(cache.layers):
-                    kv.update(keys[layer], values[layer], layer)
+                _seed(kv, keys, values)
             last = torch.tensor([len(n) - 1 for n in news])
             outputs = self.model(
                 input_ids=input_ids.to(self.device),
@@ -250,14 +262,21 @@ class AsyncTransformer(AsyncLM):
                 paths.append((job.node, list(new[:fresh])))
         if not rows:
             return
-        slots = cache.allocate(len(rows))
+        try:
+            slots = cache.allocate(len(rows))
+        except MemoryError:
+            return  # the budget cannot hold this batch's tokens: computed, not kept
         index = torch.tensor(rows, device=self.device)
-        keys = torch.stack([_layer_kv(kv, layer)[0][:, :, past_len:] for layer in range(cache.layers)])
-        values = torch.stack([_layer_kv(kv, layer)[1][:, :, past_len:] for layer in range(cache.layers)])
-        # (layers, batch, heads, width, dim) -> (layers, batch * width, heads, dim)
-        flat = (cache.layers, -1, cache.heads, cache.head_dim)
-        keys = keys.transpose(2, 3).reshape(flat).index_select(1, index)
-        values = values.transpose(2, 3).reshape(flat).index_select(1, index)
+        # Per layer (batch, heads, width, dim) -> (batch * width, layers, heads, dim), rows kept.
+        flat = (-1, cache.heads, cache.head_dim)
+        keys = torch.stack(
+            [_layer_kv(kv, layer)[0][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index) for layer in range(cache.layers)],
+            dim=1,
+        )
+        values = torch.stack(
+            [_layer_kv(kv, layer)[1][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index) for layer in range(cache.layers)],
+            dim=1,
+        )
         cache.write(slots, keys, values)
         offset = 0
         for node, tokens in paths:

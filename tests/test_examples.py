@@ -1,0 +1,40 @@
+"""The seed example (unchanged apart from its import) and its trio rewrite run on
+the default model and print every particle with a probability."""
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import assets
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_seed_example_is_the_shared_program_with_our_import():
+    shared = ROOT.parent / "shared" / "seed_example.py"
+    if not shared.exists():
+        pytest.skip("../shared is not beside this checkout")
+    assert (ROOT / "examples" / "seed_example.py").read_text() == shared.read_text()
+
+
+@pytest.mark.parametrize("script", ["seed_example.py", "seed_example_trio.py"])
+def test_seed_example_runs(script):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / script), str(assets.smollm2_dir())],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    probs = [float(p) for p in re.findall(r"\(probability: ([0-9.]+)\)", out)]
+    assert len(probs) == 10
+    assert sum(probs) == pytest.approx(1.0, abs=2e-3)
+
+
+def test_demo_entry_point_runs_under_asyncio_and_trio():
+    out = subprocess.run(
+        [sys.executable, "-m", "genlm_anyio.demo", str(assets.smollm2_dir()), "--particles", "4", "--max-tokens", "4"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    assert "== asyncio: 4 particles" in out and "== trio: 4 particles" in out
+    assert len(re.findall(r"\(probability: ", out)) == 8
