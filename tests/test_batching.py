@@ -146,7 +146,7 @@ def test_a_cancelled_caller_leaves_the_others_and_the_engine_working(backend):
 
     assert run(backend, main) == 40
     assert got == {1: 10}
-    assert rec.batches[0] == [1, 2]
+    assert sorted(rec.batches[0]) == [1, 2]  # trio starts tasks in random order
     assert 3 not in sum(rec.batches, []), "a request nobody waits for must not run"
     batcher.close()
 
