@@ -164,3 +164,21 @@ def test_duplicates_and_empty_tokens():
     np.testing.assert_array_equal(np.sort(trie.tokens_under(trie.root)), np.arange(5))
     assert trie.token_node(1) == trie.token_node(4) == trie.root
     np.testing.assert_array_equal(trie.mask_prefix_of(b""), [False, True, False, False, True])
+
+
+def test_a_reused_batch_output_never_overwrites_a_result_in_use(gpt2_trie):
+    vocab, trie = gpt2_trie
+    rng = np.random.default_rng(5)
+    a_in, b_in = rng.random((64, len(vocab))), rng.random((64, len(vocab)))
+    a = trie.batch_weight_sum(a_in)
+    assert a.nbytes >= 16 << 20  # large enough to be kept for reuse
+    a_copy = a.copy()
+    view = trie.batch_weight_sum(b_in)[3]  # only a view survives
+    b_row = view.copy()
+    c = trie.batch_weight_sum(a_in)
+    np.testing.assert_array_equal(a, a_copy)
+    np.testing.assert_array_equal(view, b_row)
+    np.testing.assert_array_equal(c, a_copy)
+    del a, c, view
+    d = trie.batch_weight_sum(b_in)
+    np.testing.assert_array_equal(d[3], b_row)

@@ -48,6 +48,28 @@ impl Weight for f64 {
     }
 }
 
+/// The chain of every node and the parent chain of every chain (see
+/// [`Trie::chain_parent`]); the root is a chain of its own, its own parent.
+fn chains(parent: &[u32], child_start: &[u32], tok_lo: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let n = parent.len();
+    let mut node_chain = vec![0u32; n];
+    let mut chain_parent = vec![0u32];
+    for c in 1..n {
+        let p = c - 1;
+        let continues = p != 0
+            && parent[c] as usize == p
+            && child_start[p + 1] - child_start[p] == 1
+            && tok_lo[p + 1] == tok_lo[p];
+        node_chain[c] = if continues {
+            node_chain[p]
+        } else {
+            chain_parent.push(node_chain[parent[c] as usize]);
+            (chain_parent.len() - 1) as u32
+        };
+    }
+    (node_chain, chain_parent)
+}
+
 /// A per-node reduction: an accumulator folded over weights and merged up the trie.
 trait Reduce {
     type Acc: Copy + Send;
@@ -147,9 +169,14 @@ pub struct Trie {
     tok_lo: Vec<u32>,
     /// The node of each token's full byte string.
     token_node: Vec<u32>,
-    /// Depth of each node (its prefix length), and the largest.
-    depth: Vec<u32>,
-    max_depth: usize,
+    /// Chains: maximal runs of consecutive nodes in which every node but the
+    /// last has one child and no token, so all of a chain's nodes have the same
+    /// tokens under them. Reductions compute one value per chain (about half as
+    /// many as nodes). Chains are numbered in preorder too (parents first).
+    chain_parent: Vec<u32>,
+    /// The chain of each node, and of each token's node.
+    node_chain: Vec<u32>,
+    token_chain: Vec<u32>,
 }
 
 impl Trie {
@@ -161,7 +188,6 @@ impl Trie {
         let mut parent = vec![0u32];
         let mut byte = vec![0u8];
         let mut end = vec![0u32];
-        let mut depth = vec![0u32];
         let mut token_node = vec![0u32; tokens.len()];
         // `path[d]` is the node of the current prefix of length d.
         let mut path: Vec<u32> = vec![0];
@@ -178,7 +204,6 @@ impl Trie {
                 parent.push(*path.last().unwrap());
                 byte.push(b);
                 end.push(0);
-                depth.push(path.len() as u32);
                 path.push(id);
             }
             token_node[t as usize] = *path.last().unwrap();
@@ -215,7 +240,8 @@ impl Trie {
             tok_lo[i + 1] += tok_lo[i];
         }
 
-        let max_depth = depth.iter().copied().max().unwrap_or(0) as usize;
+        let (node_chain, chain_parent) = chains(&parent, &child_start, &tok_lo);
+        let token_chain = token_node.iter().map(|&node| node_chain[node as usize]).collect();
         Trie {
             parent,
             byte,
@@ -226,8 +252,9 @@ impl Trie {
             sorted_tokens: order,
             tok_lo,
             token_node,
-            depth,
-            max_depth,
+            chain_parent,
+            node_chain,
+            token_chain,
         }
     }
 
@@ -309,77 +336,24 @@ impl Trie {
         ws.iter().position(|w| w.to_f64().is_nan())
     }
 
-    /// Nodes `lo..hi` (a union of whole subtrees of the root's children) bottom-up
-    /// into `out` (indexed from `lo`); returns the fold of the depth-1 nodes.
-    ///
-    /// In reverse preorder a node comes right after its whole subtree, so one
-    /// pending accumulator per depth is enough: node `c` at depth `d` takes the
-    /// fold of its children from slot `d + 1` and adds itself into slot `d`.
-    /// Every array is read sequentially except the gather from `ws`.
-    fn fold_range<R: Reduce, W: Weight>(&self, ws: &[W], lo: usize, hi: usize, out: &mut [f64]) -> R::Acc {
-        let mut pending = vec![R::EMPTY; self.max_depth + 2];
-        // Gather the range's token weights in trie order first, so that the
-        // bottom-up loop below reads only sequential memory.
-        let base = self.tok_lo[lo] as usize;
-        let gathered: Vec<f64> = self.sorted_tokens[base..self.tok_lo[hi] as usize]
-            .iter()
-            .map(|&t| ws[t as usize].to_f64())
-            .collect();
-        let depth = &self.depth[lo..hi];
-        let bounds = &self.tok_lo[lo..=hi];
-        for i in (0..hi - lo).rev() {
-            let d = depth[i] as usize;
-            let mut acc = std::mem::replace(&mut pending[d + 1], R::EMPTY);
-            for &w in &gathered[bounds[i] as usize - base..bounds[i + 1] as usize - base] {
-                acc = R::push(acc, w);
-            }
-            out[i] = R::value(acc);
-            pending[d] = R::merge(pending[d], acc);
+    /// One row into `out`: each token's weight into its chain, each chain (in
+    /// reverse preorder, children first) into its parent chain, then every node
+    /// gets its chain's value. Three loops of fixed length and no data-dependent
+    /// branches: the weights are read in order, and the writes go to chains that
+    /// are mostly near each other.
+    fn fold_row<R: Reduce, W: Weight>(&self, ws: &[W], out: &mut [f64]) {
+        let mut acc = vec![R::EMPTY; self.chain_parent.len()];
+        for (&chain, w) in self.token_chain.iter().zip(ws) {
+            let a = &mut acc[chain as usize];
+            *a = R::push(*a, w.to_f64());
         }
-        pending[1]
-    }
-
-    /// The root's children subtrees grouped into about `parts` runs of similar size.
-    fn node_runs(&self, parts: usize) -> Vec<(usize, usize)> {
-        let n = self.num_nodes();
-        let target = (n / parts.max(1)).max(1);
-        let mut runs = Vec::new();
-        let mut lo = 1;
-        for &c in self.children(0).1 {
-            let end = self.end[c as usize] as usize;
-            if end - lo >= target {
-                runs.push((lo, end));
-                lo = end;
-            }
+        for k in (1..acc.len()).rev() {
+            let p = self.chain_parent[k] as usize;
+            acc[p] = R::merge(acc[p], acc[k]);
         }
-        if lo < n {
-            runs.push((lo, n));
+        for (o, &chain) in out.iter_mut().zip(&self.node_chain) {
+            *o = R::value(acc[chain as usize]);
         }
-        runs
-    }
-
-    /// One row: the root's subtrees in parallel runs when `parallel`, then the root.
-    fn fold_row<R: Reduce, W: Weight>(&self, ws: &[W], out: &mut [f64], parallel: bool) {
-        let (root, rest) = out.split_first_mut().expect("a trie has a root");
-        let parts = if parallel { 2 * rayon::current_num_threads() } else { 1 };
-        let mut chunks = Vec::new();
-        let mut tail = rest;
-        for (lo, hi) in self.node_runs(parts) {
-            let (head, next) = std::mem::take(&mut tail).split_at_mut(hi - lo);
-            chunks.push((lo, hi, head));
-            tail = next;
-        }
-        let fold = |(lo, hi, chunk): (usize, usize, &mut [f64])| self.fold_range::<R, W>(ws, lo, hi, chunk);
-        let folds: Vec<R::Acc> = if parallel && chunks.len() > 1 {
-            chunks.into_par_iter().map(fold).collect()
-        } else {
-            chunks.into_iter().map(fold).collect()
-        };
-        let mut acc = folds.into_iter().fold(R::EMPTY, R::merge);
-        for &t in self.tokens_at(0) {
-            acc = R::push(acc, ws[t as usize].to_f64());
-        }
-        *root = R::value(acc);
     }
 
     fn reduce<R: Reduce, W: Weight>(&self, ws: &[W], rows: usize, out: &mut [f64]) -> Result<(), TrieError> {
@@ -399,12 +373,10 @@ impl Trie {
         if !R::PROPAGATES_NAN {
             (0..rows).try_for_each(|r| check(r, None))?;
         }
-        if rows == 1 {
-            self.fold_row::<R, W>(ws, out, true);
-        } else if v > 0 {
-            out.par_chunks_mut(n).zip(ws.par_chunks(v)).for_each(|(o, w)| self.fold_row::<R, W>(w, o, false));
+        if v > 0 {
+            out.par_chunks_mut(n).zip(ws.par_chunks(v)).for_each(|(o, w)| self.fold_row::<R, W>(w, o));
         } else {
-            out.chunks_mut(n).for_each(|o| self.fold_row::<R, W>(&[], o, false));
+            out.chunks_mut(n).for_each(|o| self.fold_row::<R, W>(&[], o));
         }
         if R::PROPAGATES_NAN {
             (0..rows).try_for_each(|r| check(r, Some(out[r * n])))?;

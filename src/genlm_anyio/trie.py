@@ -5,6 +5,7 @@ batch rows, the GIL released while it computes).
 """
 from __future__ import annotations
 
+import sys
 from typing import Any, Sequence
 
 import numpy as np
@@ -13,6 +14,9 @@ from . import _core
 from .arrays import address, float_array
 
 __all__ = ["TokenCharacterTrie"]
+
+# Outputs this large are kept for reuse (see TokenCharacterTrie._output).
+_SPARE_MIN_BYTES = 16 << 20
 
 
 class TokenCharacterTrie:
@@ -36,6 +40,7 @@ class TokenCharacterTrie:
         self._core.sorted_tokens(address(self._sorted_tokens))
         self._token_nodes = np.empty(self.vocab_size, dtype=np.int64)
         self._core.token_nodes(address(self._token_nodes))
+        self._spare: np.ndarray | None = None
 
     def __repr__(self) -> str:
         return f"TokenCharacterTrie(vocab_size={self.vocab_size}, num_nodes={self.num_nodes})"
@@ -47,9 +52,25 @@ class TokenCharacterTrie:
     def _reduce(self, kind: str, ws: Any, ndim: int) -> np.ndarray:
         name = "ws" if kind != "logsumexp" else "logws"
         arr = float_array(ws, name, ndim, self.vocab_size)
-        out = np.empty(arr.shape[:-1] + (self.num_nodes,), dtype=np.float64)
+        out = self._output(arr.shape[:-1] + (self.num_nodes,))
         rows = arr.shape[0] if ndim == 2 else None
         self._core.reduce(kind, address(arr), arr.dtype == np.float64, rows, address(out))
+        return out
+
+    def _output(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A float64 array for a result.
+
+        A large batch output is mostly first-touch page faults when freshly
+        allocated, so the last one is kept and reused once nobody else holds it
+        (its only references are then ``self._spare``, the local name and
+        ``getrefcount``'s argument); a result still in use is never touched.
+        """
+        spare = self._spare
+        if spare is not None and spare.shape == shape and sys.getrefcount(spare) == 3:
+            return spare
+        out = np.empty(shape, dtype=np.float64)
+        if out.nbytes >= _SPARE_MIN_BYTES:
+            self._spare = out
         return out
 
     def weight_sum(self, ws: Any) -> np.ndarray:
