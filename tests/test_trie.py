@@ -182,3 +182,62 @@ def test_a_reused_batch_output_never_overwrites_a_result_in_use(gpt2_trie):
     del a, c, view
     d = trie.batch_weight_sum(b_in)
     np.testing.assert_array_equal(d[3], b_row)
+
+
+def test_parallel_trie_matches_the_rust_trie(gpt2_trie):
+    from genlm_anyio.trie import ParallelTokenCharacterTrie
+
+    vocab, trie = gpt2_trie
+    parallel = ParallelTokenCharacterTrie(vocab, device="cpu")
+    assert parallel.num_nodes == trie.num_nodes
+    ws = np.random.default_rng(2).random((2, len(vocab)))
+    np.testing.assert_allclose(parallel.batch_weight_sum(ws), trie.batch_weight_sum(ws), rtol=1e-10)
+    np.testing.assert_array_equal(parallel.batch_weight_max(ws), trie.batch_weight_max(ws))
+    np.testing.assert_allclose(parallel.weight_sum(torch.tensor(ws[0])), trie.weight_sum(ws[0]), rtol=1e-10)
+    np.testing.assert_array_equal(parallel.weight_max(ws[1]), trie.weight_max(ws[1]))
+    bad = ws.copy()
+    bad[1, 9] = np.nan
+    with pytest.raises(ValueError, match="row 1, token 9"):
+        parallel.batch_weight_sum(bad)
+    with pytest.raises(ValueError, match="shape"):
+        parallel.weight_sum(ws)
+
+
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+@pytest.mark.parametrize("backend", ["rust", "parallel"])
+def test_async_trie_batches_concurrent_reductions(gpt2_trie, library, backend):
+    import anyio
+
+    from genlm_anyio.trie import AsyncTokenCharacterTrie
+
+    vocab, trie = gpt2_trie
+    ws = np.random.default_rng(3).random((12, len(vocab)))
+    kwargs = {"device": "cpu"} if backend == "parallel" else {}
+    atrie = AsyncTokenCharacterTrie.from_vocab(vocab, backend=backend, **kwargs) if backend == "parallel" else AsyncTokenCharacterTrie(trie)
+    results: dict[tuple[str, int], np.ndarray] = {}
+    errors = []
+
+    async def one(op, i):
+        results[op, i] = await getattr(atrie, f"weight_{op}")(ws[i])
+
+    async def bad():
+        try:
+            await atrie.weight_sum(np.ones(3))
+        except ValueError as exc:
+            errors.append(exc)
+
+    async def main():
+        async with atrie:
+            async with anyio.create_task_group() as tg:
+                for i in range(12):
+                    tg.start_soon(one, "sum" if i % 3 else "max", i)
+                tg.start_soon(bad)
+
+    anyio.run(main, backend=library)
+    assert len(errors) == 1 and "shape" in str(errors[0])
+    assert atrie.batch_stats.batches == 1 and atrie.batch_stats.largest_batch == 12
+    for (op, i), got in results.items():
+        want = trie.weight_sum(ws[i]) if op == "sum" else trie.weight_max(ws[i])
+        np.testing.assert_allclose(got, want, rtol=1e-10)
+    with pytest.raises(ValueError, match="backend"):
+        AsyncTokenCharacterTrie.from_vocab(vocab, backend="gpu")

@@ -50,9 +50,9 @@ impl PyTrie {
         }
     }
 
-    /// Fill the int64 array at `out` (length V) from `values`.
-    fn fill_i64(&self, out: usize, values: impl Iterator<Item = u32>) -> PyResult<()> {
-        let dst = unsafe { slice_mut::<i64>(out, self.inner.vocab_size(), "out")? };
+    /// Fill the int64 array at `out` (of length `len`) from `values`.
+    fn fill_i64(&self, out: usize, len: usize, values: impl Iterator<Item = u32>) -> PyResult<()> {
+        let dst = unsafe { slice_mut::<i64>(out, len, "out")? };
         for (d, v) in dst.iter_mut().zip(values) {
             *d = i64::from(v);
         }
@@ -121,12 +121,18 @@ impl PyTrie {
 
     /// Fill the int64 array at `out` (length V) with the token ids in trie order.
     fn sorted_tokens(&self, out: usize) -> PyResult<()> {
-        self.fill_i64(out, self.inner.sorted_tokens().iter().copied())
+        self.fill_i64(out, self.inner.vocab_size(), self.inner.sorted_tokens().iter().copied())
     }
 
     /// Fill the int64 array at `out` (length V) with each token's node.
     fn token_nodes(&self, out: usize) -> PyResult<()> {
-        self.fill_i64(out, (0..self.inner.vocab_size()).map(|t| self.inner.token_node(t)))
+        self.fill_i64(out, self.inner.vocab_size(), (0..self.inner.vocab_size()).map(|t| self.inner.token_node(t)))
+    }
+
+    /// Fill the int64 array at `out` (length num_nodes) with each node's parent (the root's is 0).
+    fn parents(&self, out: usize) -> PyResult<()> {
+        let n = self.inner.num_nodes() as u32;
+        self.fill_i64(out, n as usize, (0..n).map(|c| self.inner.parent(c).unwrap_or(0)))
     }
 
     /// Per-node reduction (`"sum"`, `"max"`, `"logsumexp"`) of the float32

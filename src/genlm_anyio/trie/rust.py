@@ -1,4 +1,4 @@
-"""Byte tries over a vocabulary: per-prefix mass propagation and token masks.
+"""The token-byte trie on the Rust core.
 
 :class:`TokenCharacterTrie` runs on the Rust core (flat arrays, rayon across
 batch rows, the GIL released while it computes).
@@ -10,8 +10,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import _core
-from .arrays import address, float_array
+from .. import _core
+from ..arrays import address, float_array
 
 __all__ = ["TokenCharacterTrie"]
 
