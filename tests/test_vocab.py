@@ -85,6 +85,13 @@ def test_every_gguf_vocab_decodes(name, vocab_dir):
     assert all(isinstance(b, bytes) for b in vocab)
 
 
+def test_gpt_neox_vocab_is_the_checked_mpt_vocab(vocab_dir):
+    """gpt-neox ships no test strings; MPT uses the GPT-NeoX tokenizer, whose
+    vocabulary file does, so the two decoded vocabularies must be identical."""
+    neox = byte_vocab_from_gguf(vocab_dir / "ggml-vocab-gpt-neox.gguf")
+    assert neox == byte_vocab_from_gguf(vocab_dir / "ggml-vocab-mpt.gguf")
+
+
 @pytest.mark.parametrize("name", HF_LOADABLE)
 def test_gguf_and_transformers_agree(name, vocab_dir):
     from_gguf = byte_vocab_from_gguf(vocab_dir / f"ggml-vocab-{name}.gguf")
