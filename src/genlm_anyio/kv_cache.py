@@ -11,7 +11,7 @@ leaves that no running request has pinned are evicted.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +37,8 @@ class CacheStats:
     prefix_tokens_reused: int = 0
     """Tokens a request found cached instead of computing them."""
     capacity_tokens: int = 0
-    in_use: int = field(default=0)
+    in_use: int = 0
+    """Slots holding a token now."""
 
 
 class PrefixKVCache:
@@ -96,7 +97,7 @@ class PrefixKVCache:
         """Protect (``+1``) or release (``-1``) ``node`` and so its ancestors from eviction."""
         node.pins += delta
 
-    def gather(self, slot_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def gather(self, slot_rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         """The cached keys and values of several prefixes, right-padded with the
         zero slot: two ``(layers, batch, heads, length, head_dim)`` tensors."""
         length = max(len(r) for r in slot_rows)
@@ -108,7 +109,7 @@ class PrefixKVCache:
         # (batch, length, layers, heads, dim) -> (layers, batch, heads, length, dim)
         keys = self.keys.index_select(0, flat).view(shape).permute(2, 0, 3, 1, 4)
         values = self.values.index_select(0, flat).view(shape).permute(2, 0, 3, 1, 4)
-        return keys, values, length
+        return keys, values
 
     # -- storing --------------------------------------------------------------------
     def _grow(self, needed: int) -> None:

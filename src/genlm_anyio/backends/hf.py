@@ -219,7 +219,7 @@ class AsyncTransformer(AsyncLM):
                 mask[b, past_len : past_len + len(n)] = 1
             kv = DynamicCache()
             if past_len:
-                keys, values, _ = cache.gather(past)
+                keys, values = cache.gather(past)
                 _seed(kv, keys, values)
             last = torch.tensor([len(n) - 1 for n in news])
             outputs = self.model(
