@@ -124,6 +124,27 @@ def test_eviction_under_a_small_budget_stays_correct(hf_parts):
         assert_matches_uncached(small, long, small.batch_next_token_logprobs_sync(long))
 
 
+def test_callers_own_their_results(fresh):
+    p = prompt(fresh)
+
+    async def two():
+        out = []
+        async with anyio.create_task_group() as tg:
+            for _ in range(2):
+                tg.start_soon(lambda: _append(out, fresh.next_token_logprobs(p)))
+        return out
+
+    a, b = anyio.run(two)
+    want = b.clone()
+    a.fill_(0.0)  # one caller edits its result in place
+    assert torch.equal(b, want)
+    assert torch.equal(fresh.next_token_logprobs_sync(p), want)  # the cached copy too
+
+
+async def _append(out, coro):
+    out.append(await coro)
+
+
 def test_trio_threads_and_successive_runs_share_one_model(fresh):
     p = prompt(fresh)
     want = fresh.next_token_logprobs_uncached(p + [9])

@@ -95,12 +95,16 @@ class AsyncLM(abc.ABC):
         return _as_ids(token_ids, self.vocab_size, name)
 
     async def next_token_logprobs(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """Log-probabilities of the next token after ``token_ids``: float32 ``(vocab_size,)``."""
-        return await self._batcher.submit(self._ids(token_ids))
+        """Log-probabilities of the next token after ``token_ids``: float32 ``(vocab_size,)``.
+
+        Each caller gets its own tensor: changing it in place touches neither the
+        cache nor the callers that asked for the same ids.
+        """
+        return (await self._batcher.submit(self._ids(token_ids))).clone()
 
     def next_token_logprobs_sync(self, token_ids: Sequence[int]) -> torch.Tensor:
         """:meth:`next_token_logprobs` from synchronous code."""
-        return self._batcher.submit_sync([self._ids(token_ids)])[0]
+        return self._batcher.submit_sync([self._ids(token_ids)])[0].clone()
 
     def _many(self, token_ids_list: Sequence[Sequence[int]]) -> list[TokenIds]:
         if isinstance(token_ids_list, (str, bytes)) or not isinstance(token_ids_list, Sequence):
