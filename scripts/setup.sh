@@ -16,10 +16,6 @@ log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 if ! grep -qs 'debian-registry' "$CARGO_HOME/config.toml"; then
     if ! timeout 8 curl -sSf -o /dev/null https://index.crates.io/config.json 2>/dev/null; then
         log "crates.io unreachable: using Debian's Rust crates"
-        if [ ! -d /usr/share/cargo/registry/pyo3-0.17.3 ] || [ ! -d /usr/share/cargo/registry/rayon-1.6.1 ]; then
-            apt-get update -qq
-            apt-get install -y -qq librust-pyo3-dev librust-rayon-dev librust-serde-json-dev >/dev/null
-        fi
         mkdir -p "$CARGO_HOME"
         cat >>"$CARGO_HOME/config.toml" <<'TOML'
 
@@ -29,6 +25,20 @@ replace-with = "debian-registry"
 [source.debian-registry]
 directory = "/usr/share/cargo/registry"
 TOML
+    fi
+fi
+# With the replacement in place, install the packaged crates this build needs
+# (proptest for `cargo test`); a no-op once they are there.
+if grep -qs 'debian-registry' "$CARGO_HOME/config.toml"; then
+    missing=""
+    for crate in pyo3 rayon serde_json serde_derive proptest; do
+        ls -d /usr/share/cargo/registry/"$crate"-[0-9]* >/dev/null 2>&1 || missing="$missing $crate"
+    done
+    if [ -n "$missing" ]; then
+        log "installing Debian Rust crates:$missing"
+        apt-get update -qq
+        apt-get install -y -qq librust-pyo3-dev librust-rayon-dev librust-serde-json-dev \
+            librust-serde-derive-dev librust-proptest-dev >/dev/null
     fi
 fi
 
