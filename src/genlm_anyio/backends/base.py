@@ -3,7 +3,9 @@ input validation, batching, sampling, and the context-manager protocol."""
 from __future__ import annotations
 
 import abc
+import itertools
 import operator
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import anyio
@@ -13,6 +15,26 @@ from ..batching import Batcher, BatchStats
 from ..vocab import Token, decode_vocab, tokens_from_bytes
 
 TokenIds = tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """A validated :meth:`AsyncLM.sample` call."""
+
+    prompt: TokenIds
+    max_tokens: int
+    eos_token_ids: TokenIds
+    temperature: float
+    seed: int | None
+    # Unseeded runs are independent draws: a fresh nonce keeps a batcher from merging them.
+    nonce: int = field(default_factory=lambda: next(_nonces))
+
+    def __len__(self) -> int:
+        """The tokens this request may occupy: its size for a batcher's token limit."""
+        return len(self.prompt) + self.max_tokens
+
+
+_nonces = itertools.count()
 
 
 def _as_ids(token_ids: Any, vocab_size: int, name: str = "token_ids") -> TokenIds:
@@ -137,19 +159,27 @@ class AsyncLM(abc.ABC):
     ) -> list[int]:
         """Sample up to ``max_tokens`` tokens after the prompt, stopping at (and
         leaving out) any of ``eos_token_ids``. The same seed gives the same tokens."""
-        prompt = list(self._ids(prompt_token_ids, "prompt_token_ids"))
+        prompt = self._ids(prompt_token_ids, "prompt_token_ids")
+        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
+            raise TypeError(f"max_tokens must be an int, not {type(max_tokens).__name__}")
         if max_tokens < 0:
             raise ValueError(f"max_tokens must be >= 0, not {max_tokens}")
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, not {temperature}")
-        eos = set(eos_token_ids)
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        generated: list[int] = []
-        for _ in range(max_tokens):
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")
+        eos = self._ids(list(eos_token_ids), "eos_token_ids") if eos_token_ids else ()
+        return await self._sample(SampleRequest(prompt, max_tokens, eos, float(temperature), seed))
+
+    async def _sample(self, request: SampleRequest) -> list[int]:
+        """Run a validated sampling request: one next-token request per step."""
+        generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
+        prompt, generated = list(request.prompt), []
+        for _ in range(request.max_tokens):
             logprobs = await self.next_token_logprobs(prompt + generated)
-            probs = torch.softmax(logprobs.float().cpu() / temperature, dim=-1)
+            probs = torch.softmax(logprobs.float().cpu() / request.temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator).item())
-            if token in eos:
+            if token in request.eos_token_ids:
                 break
             generated.append(token)
         return generated
