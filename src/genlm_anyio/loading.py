@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from .backends import AsyncLM, AsyncTransformer, MockAsyncLM
+from .backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
 
 BACKENDS = ("hf", "vllm", "mock")
 
@@ -34,5 +34,5 @@ def load_model_by_name(name: str, backend: str | None = None, llm_opts: dict[str
     if backend == "mock":
         return MockAsyncLM.from_name(name, **opts)
     if backend == "vllm":
-        raise NotImplementedError("the vLLM backend is not available in this version of genlm-anyio")
+        return AsyncVirtualLM.from_name(name, **opts)
     raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")

@@ -2,5 +2,6 @@
 from .base import AsyncLM
 from .hf import AsyncTransformer
 from .mock import MockAsyncLM
+from .vllm import AsyncVirtualLM
 
-__all__ = ["AsyncLM", "AsyncTransformer", "MockAsyncLM"]
+__all__ = ["AsyncLM", "AsyncTransformer", "AsyncVirtualLM", "MockAsyncLM"]

