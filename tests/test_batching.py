@@ -151,6 +151,28 @@ def test_a_cancelled_caller_leaves_the_others_and_the_engine_working(backend):
     batcher.close()
 
 
+def test_a_released_round_whose_callers_all_left_does_not_stall_the_next(backend):
+    rec = Recorder()
+    batcher = Batcher(rec)
+
+    async def main():
+        rec.gate.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.submit, 1)
+            await anyio.to_thread.run_sync(rec.started.wait)
+            # While batch [1] runs, 2 is submitted (released at once) and abandoned.
+            with anyio.move_on_after(0.01):
+                await batcher.submit_many([2])
+            rec.gate.set()
+        await anyio.sleep(0.05)  # the worker finishes [1] and finds nothing to run
+        with anyio.fail_after(5):
+            return await batcher.submit(3)
+
+    assert run(backend, main) == 30
+    assert rec.batches == [[1], [3]]
+    batcher.close()
+
+
 def test_one_batcher_serves_successive_runs_and_loops_in_threads():
     rec = Recorder()
     batcher = Batcher(rec)

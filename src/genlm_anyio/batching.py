@@ -141,7 +141,9 @@ class Batcher(Generic[K, R]):
 
     def _release_pending(self) -> None:
         with self._cond:
-            self._release = True
+            # The round may be gone already (taken with a forced batch): a release
+            # with nothing pending would leave the next request unled.
+            self._release = bool(self._pending)
             self._leading = False
             self._cond.notify()
 
@@ -230,6 +232,10 @@ class Batcher(Generic[K, R]):
             req.waiters -= 1
             if req.waiters == 0 and self._pending.get(req.key) is req:
                 del self._pending[req.key]
+                if not self._pending:
+                    # Nothing left of the released round: the next request leads a
+                    # new one (a stale release would leave it unled and the worker asleep).
+                    self._release = False
 
     # -- the worker -----------------------------------------------------------------
     def _take(self) -> list[_Request[K, R]]:
