@@ -11,10 +11,13 @@ class AsyncVirtualLM(AsyncLM):
     """A vLLM engine behind the genlm API, with autobatching.
 
     Concurrent requests (log-probabilities and sampling runs alike) go to the
-    engine together, as one scheduling round of its continuous batching; vLLM's
-    prefix cache (on by default) reuses the KV of shared prefixes. Every
-    log-probability vector covers the whole vocabulary, in float32, computed
-    from the raw logits. ``sample``/``batch_sample`` use vLLM's own decode loop.
+    engine together, as one scheduling round of its continuous batching. A
+    request that extends an earlier one by a few tokens resumes it in the engine
+    and computes only those tokens; vLLM's prefix cache (on by default) shares
+    whole KV blocks between the others. Every log-probability vector covers the
+    whole vocabulary, in float32, computed from the raw logits.
+    ``sample``/``batch_sample`` use vLLM's own decode loop. ``engine.stats``
+    counts what the engine computed.
 
     Args:
         engine: a :class:`~genlm_anyio.backends.vllm_engine.VLLMEngine`, or a

@@ -20,6 +20,7 @@ fails at construction with an error that names the installed version.
 """
 from __future__ import annotations
 
+import inspect
 import itertools
 import threading
 from dataclasses import dataclass
@@ -98,6 +99,8 @@ class VLLMEngine:
             )
             if not hasattr(obj, attr)
         ]
+        if not missing and "resumable" not in inspect.signature(inputs.process_inputs).parameters:
+            missing.append("streaming-input sessions (process_inputs(resumable=...))")
         if missing:
             raise RuntimeError(
                 f"genlm-anyio's vLLM hook does not fit vLLM {version} (tested with {TESTED_VERSIONS}): "
@@ -122,8 +125,6 @@ class VLLMEngine:
         self.version = version
         self.vocab_size: int = config.get_vocab_size()
         self.max_model_len: int = config.max_model_len
-        self.model_path: str = config.model
-        self.tokenizer_path: str = getattr(config, "tokenizer", None) or config.model
 
     @classmethod
     def from_options(cls, model: str, engine_opts: dict[str, Any]) -> "VLLMEngine":
