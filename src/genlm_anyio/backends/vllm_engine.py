@@ -195,13 +195,14 @@ class VLLMEngine:
         self.stats.sessions_resumed += 1
         self.stats.tokens_fed += len(new_tokens)
 
-    def _claim(self, ids: TokenIds, idle: dict[TokenIds, str]) -> str | None:
-        """The idle session whose tokens ``ids`` extends the least, taken out of ``idle``."""
+    @staticmethod
+    def _claim(ids: TokenIds, idle: dict[TokenIds, str]) -> tuple[str, TokenIds] | None:
+        """The idle session whose tokens ``ids`` extends the least (taken out of
+        ``idle``), with the tokens ``ids`` adds to it."""
         for extra in range(1, min(len(ids), _MAX_RESUME_TOKENS + 1)):
             rid = idle.pop(ids[:-extra], None)
             if rid is not None:
-                self._resume(rid, ids[-extra:])
-                return rid
+                return rid, ids[-extra:]
         return None
 
     def _retire(self, rids: Sequence[str]) -> None:
@@ -240,8 +241,12 @@ class VLLMEngine:
                         continue
                     rid = self._add(request)
                     sampled[rid] = []
+                elif (claim := self._claim(request, idle)) is not None:
+                    rid, new_tokens = claim
+                    where[rid] = i  # before resuming, so that a failure retires it
+                    self._resume(rid, new_tokens)
                 else:
-                    rid = self._claim(request, idle) or self._add(request)
+                    rid = self._add(request)
                 where[rid] = i
                 waiting.add(rid)
             # Sessions this batch did not continue will not be continued later
