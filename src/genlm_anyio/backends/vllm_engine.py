@@ -186,7 +186,7 @@ class VLLMEngine:
         core_request = self._inputs.process_inputs(
             rid,
             TokensPrompt(prompt_token_ids=list(new_tokens)),
-            self._params(()),
+            self._params(tuple(new_tokens)),
             supported_tasks=self._tasks,
             resumable=True,
         )
@@ -268,6 +268,8 @@ class VLLMEngine:
                         results[where[rid]] = self._logprobs(output)
                     if output.finish_reason is not None:
                         waiting.discard(rid)
+                        if rid not in sampled and results[where[rid]] is None:
+                            raise RuntimeError(f"vLLM ended a request without its logprobs ({output.finish_reason})")
         except BaseException:
             # Leave the engine with nothing of this batch in flight or idle.
             self._retire(list(idle.values()) + [rid for rid in where if rid not in sampled or rid in waiting])
@@ -284,7 +286,7 @@ class VLLMEngine:
         return results
 
     def close_sessions(self) -> None:
-        """End every idle session (``reset_prefix_cache`` and ``shutdown`` do this)."""
+        """End every idle session (``reset_prefix_cache`` does this first)."""
         with self._lock:
             self._retire(list(self._sessions.values()))
             self._sessions = {}
