@@ -19,7 +19,7 @@ import time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-from bench_sis import sis  # noqa: E402
+from bench_sis import timed  # noqa: E402
 from common import Table  # noqa: E402
 
 import assets  # noqa: E402
@@ -49,22 +49,16 @@ def main() -> None:
         assert sum(map(len, out)) == n * steps
         return time.perf_counter() - t
 
-    def ours(n: int, steps: int) -> float:
-        llm.clear_cache()
-        t = time.perf_counter()
-        asyncio.run(sis(llm, prompt, n, steps, eos))
-        return time.perf_counter() - t
-
     targets = {(64, 64): 30.0}
     table = Table(
         f"Seed SIS workload on vLLM {llm.engine.version}, SmolLM2-135M fp32, CPU, block size "
         f"{args.block_size or 'default'} (N particles x T tokens)",
         "vLLM decode",
     )
-    ours(4, 4)  # warm-up
+    timed(llm, prompt, 4, 4, eos)  # warm-up
     for n, steps in sizes:
         floor = native(n, steps)
-        mine = ours(n, steps)
+        mine = timed(llm, prompt, n, steps, eos)
         table.add(f"N={n} x {steps}", mine, floor, targets.get((n, steps)))
         print(f"    N={n} x {steps}: {n * steps / mine:.0f} tokens/s; native decode {n * steps / floor:.0f} tokens/s; "
               f"{llm.batch_stats}", flush=True)

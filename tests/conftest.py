@@ -1,8 +1,11 @@
-"""Shared fixtures: real tokenizers and vocabularies from the asset cache."""
+"""Shared fixtures (real tokenizers and vocabularies from the asset cache) and the
+runs every language-model backend's tests share."""
 from __future__ import annotations
 
 import functools
 import sys
+
+import anyio
 from pathlib import Path
 
 import pytest
@@ -37,3 +40,35 @@ def vocab_cases(name: str) -> list[tuple[str, list[int]]]:
 @pytest.fixture(scope="session")
 def vocab_dir() -> Path:
     return assets.vocab_dir()
+
+
+async def good_beside_bad(lm, good_ids, bad_ids):
+    """Ask for ``good_ids`` and ``bad_ids`` concurrently: (the good result, the
+    exception the bad request raised, or None)."""
+    outcome = {"bad": None}
+
+    async def good():
+        outcome["good"] = await lm.next_token_logprobs(good_ids)
+
+    async def wrong():
+        try:
+            await lm.next_token_logprobs(bad_ids)
+        except (ValueError, TypeError) as exc:
+            outcome["bad"] = exc
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(good)
+        tg.start_soon(wrong)
+    return outcome["good"], outcome["bad"]
+
+
+async def ask_after_cancelled_callers(lm, ids):
+    """Cancel one caller at once and one while its request is pending, then ask
+    for ``ids + [79]``: the answer of a model the cancellations left usable."""
+    with anyio.move_on_after(0):
+        await lm.next_token_logprobs(ids + [77])
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lm.next_token_logprobs, ids + [78])
+        await anyio.sleep(0)
+        tg.cancel_scope.cancel()
+    return await lm.next_token_logprobs(ids + [79])

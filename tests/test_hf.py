@@ -9,7 +9,7 @@ import anyio
 import pytest
 import torch
 import trio
-from conftest import assets
+from conftest import ask_after_cancelled_callers, assets, good_beside_bad
 
 from genlm_anyio import AsyncTransformer, ClosedError, MockAsyncLM, load_model_by_name
 
@@ -182,25 +182,9 @@ def test_trio_threads_and_successive_runs_share_one_model(fresh):
 )
 def test_bad_input_fails_in_its_caller_only(fresh, bad, error, match):
     p = prompt(fresh)
-    outcome = {}
-
-    async def good():
-        outcome["good"] = await fresh.next_token_logprobs(p)
-
-    async def wrong():
-        try:
-            await fresh.next_token_logprobs(bad)
-        except (ValueError, TypeError) as exc:
-            outcome["bad"] = exc
-
-    async def main():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(good)
-            tg.start_soon(wrong)
-
-    anyio.run(main)
-    assert isinstance(outcome["bad"], error) and outcome["bad"].args and __import__("re").search(match, str(outcome["bad"]))
-    assert outcome["good"].shape == (fresh.vocab_size,)
+    good, exc = anyio.run(good_beside_bad, fresh, p, bad)
+    assert isinstance(exc, error) and exc.args and __import__("re").search(match, str(exc))
+    assert good.shape == (fresh.vocab_size,)
     with pytest.raises(error, match=match):
         fresh.next_token_logprobs_sync(bad)
     with pytest.raises(ValueError, match=r"token_ids_list\[1\]"):
@@ -209,17 +193,7 @@ def test_bad_input_fails_in_its_caller_only(fresh, bad, error, match):
 
 def test_a_cancelled_caller_leaves_the_model_usable(fresh):
     p = prompt(fresh)
-
-    async def main():
-        with anyio.move_on_after(0):
-            await fresh.next_token_logprobs(p + [77])
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(fresh.next_token_logprobs, p + [78])
-            await anyio.sleep(0)
-            tg.cancel_scope.cancel()
-        return await fresh.next_token_logprobs(p + [79])
-
-    got = anyio.run(main)
+    got = anyio.run(ask_after_cancelled_callers, fresh, p)
     assert (got - fresh.next_token_logprobs_uncached(p + [79])).abs().max() < TOL
 
 

@@ -15,7 +15,7 @@ import anyio
 import pytest
 import torch
 import trio
-from conftest import assets
+from conftest import ask_after_cancelled_callers, assets, good_beside_bad
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -174,26 +174,10 @@ def test_sync_calls_from_plain_threads(vllm_lm, hf_lm):
 )
 def test_bad_input_fails_in_its_caller_only(vllm_lm, bad, error, match):
     p = prompt(vllm_lm)
-    outcome = {}
-
-    async def good():
-        outcome["good"] = await vllm_lm.next_token_logprobs(p)
-
-    async def wrong():
-        try:
-            await vllm_lm.next_token_logprobs(bad)
-        except (ValueError, TypeError) as exc:
-            outcome["bad"] = exc
-
-    async def main():
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(good)
-            tg.start_soon(wrong)
-
-    anyio.run(main)
-    assert isinstance(outcome["bad"], error)
-    assert __import__("re").search(match, str(outcome["bad"]))
-    assert outcome["good"].shape == (vllm_lm.vocab_size,)
+    good, exc = anyio.run(good_beside_bad, vllm_lm, p, bad)
+    assert isinstance(exc, error)
+    assert __import__("re").search(match, str(exc))
+    assert good.shape == (vllm_lm.vocab_size,)
 
 
 def test_an_engine_failure_reaches_every_caller_of_its_batch_and_the_model_recovers(vllm_lm, hf_lm, monkeypatch):
@@ -228,17 +212,7 @@ def test_an_engine_failure_reaches_every_caller_of_its_batch_and_the_model_recov
 
 def test_a_cancelled_caller_leaves_the_model_usable(vllm_lm, hf_lm):
     p = prompt(vllm_lm)
-
-    async def main():
-        with anyio.move_on_after(0):
-            await vllm_lm.next_token_logprobs(p + [77])
-        async with anyio.create_task_group() as tg:
-            tg.start_soon(vllm_lm.next_token_logprobs, p + [78])
-            await anyio.sleep(0)
-            tg.cancel_scope.cancel()
-        return await vllm_lm.next_token_logprobs(p + [79])
-
-    got = trio.run(main)
+    got = trio.run(ask_after_cancelled_callers, vllm_lm, p)
     assert_agrees(got, hf_lm.next_token_logprobs_uncached(p + [79]))
 
 
