@@ -86,6 +86,8 @@ class VLLMEngine:
 
     def __init__(self, engine: Any):
         version = vllm_version()
+        from vllm import SamplingParams
+
         core = getattr(engine, "engine_core", None)
         inputs = getattr(engine, "input_processor", None)
         missing = [
@@ -122,6 +124,9 @@ class VLLMEngine:
         self._sessions: dict[TokenIds, str] = {}
         self._lock = threading.Lock()
         self.stats = EngineStats()
+        # Built once: the input processor clones it for each request. Greedy, because
+        # the sampled token is thrown away and this is the cheapest way to draw it.
+        self._logprob_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False)
         self.version = version
         self.vocab_size: int = config.get_vocab_size()
         self.max_model_len: int = config.max_model_len
@@ -157,8 +162,7 @@ class VLLMEngine:
                 ignore_eos=True,  # only the caller's eos ids stop a run
                 detokenize=False,
             )
-        # Greedy: the sampled token is thrown away, and this is the cheapest way to draw it.
-        return SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False)
+        return self._logprob_params
 
     def _add(self, request: Request) -> str:
         """Start a request; a log-probability request opens a session."""
@@ -235,20 +239,19 @@ class VLLMEngine:
         idle, self._sessions = self._sessions, {}
         try:
             for i, request in enumerate(requests):
-                if isinstance(request, SampleRequest):
-                    if request.max_tokens == 0:
-                        results[i] = []
-                        continue
-                    rid = self._add(request)
-                    sampled[rid] = []
-                elif (claim := self._claim(request, idle)) is not None:
-                    rid, new_tokens = claim
-                    where[rid] = i  # before resuming, so that a failure retires it
-                    self._resume(rid, new_tokens)
-                else:
-                    rid = self._add(request)
+                sampling = isinstance(request, SampleRequest)
+                if sampling and request.max_tokens == 0:
+                    results[i] = []
+                    continue
+                claim = None if sampling else self._claim(request, idle)
+                rid = claim[0] if claim else self._add(request)
+                # Recorded before a resume, so that a failure while resuming retires it.
                 where[rid] = i
                 waiting.add(rid)
+                if sampling:
+                    sampled[rid] = []
+                if claim:
+                    self._resume(*claim)
             # Sessions this batch did not continue will not be continued later
             # either (in SIS every particle moves each step): free their blocks.
             self._retire(list(idle.values()))
