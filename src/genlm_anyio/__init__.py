@@ -1,20 +1,48 @@
 """genlm-anyio: autobatched, cached language-model backends for probabilistic
-programs, under asyncio and trio, with a Rust core for byte-level vocabularies."""
-from .backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
-from .batching import ClosedError
-from .loading import load_model_by_name
-from .trie import TokenCharacterTrie
-from .vocab import Token, decode_vocab
+programs, under asyncio and trio, with a Rust core for byte-level vocabularies.
 
-__all__ = [
-    "AsyncLM",
-    "AsyncTransformer",
-    "AsyncVirtualLM",
-    "ClosedError",
-    "MockAsyncLM",
-    "Token",
-    "TokenCharacterTrie",
-    "decode_vocab",
-    "load_model_by_name",
-]
+The names below load on first use, so ``import genlm_anyio.vocab`` (or the
+compat switch) does not import torch or transformers.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
+    from .batching import ClosedError
+    from .loading import load_model_by_name
+    from .trie import AsyncTokenCharacterTrie, ParallelTokenCharacterTrie, TokenCharacterTrie
+    from .vocab import Token, decode_vocab
+
+# Public name -> the module that defines it.
+_EXPORTS = {
+    "AsyncLM": ".backends",
+    "AsyncTransformer": ".backends",
+    "AsyncVirtualLM": ".backends",
+    "MockAsyncLM": ".backends",
+    "ClosedError": ".batching",
+    "load_model_by_name": ".loading",
+    "AsyncTokenCharacterTrie": ".trie",
+    "ParallelTokenCharacterTrie": ".trie",
+    "TokenCharacterTrie": ".trie",
+    "Token": ".vocab",
+    "decode_vocab": ".vocab",
+}
+
+__all__ = sorted(_EXPORTS)
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'genlm_anyio' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

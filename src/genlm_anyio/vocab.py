@@ -8,14 +8,26 @@ from __future__ import annotations
 import gc
 import json
 import os
+import sys
 from itertools import repeat
 from typing import Any, Sequence
 
 from . import _core
 
-__all__ = ["Token", "decode_vocab", "byte_vocab_from_tokenizer_json", "byte_vocab_from_gguf"]
+__all__ = [
+    "ByteVocabError",
+    "Token",
+    "byte_vocab_from_gguf",
+    "byte_vocab_from_tokenizer_json",
+    "decode_vocab",
+    "get_byte_vocab",
+]
 
 FALLBACKS = ("tokenizer", "latin1", "replace")
+
+
+class ByteVocabError(ValueError):
+    """The token bytes of a tokenizer's vocabulary cannot be derived from it."""
 
 
 class Token(bytes):
@@ -24,14 +36,36 @@ class Token(bytes):
     A ``bytes`` subclass: it concatenates, slices and compares with plain bytes
     as bytes do. Between Tokens, equality, hashing and ordering go by
     ``token_id``, so two tokens with the same bytes stay distinct.
+
+    Raises TypeError when ``token_id`` is not an integer or ``byte_string`` is
+    not bytes-like.
     """
 
     token_id: int
 
     def __new__(cls, token_id: int, byte_string: bytes) -> "Token":
+        if isinstance(token_id, bool) or not isinstance(token_id, (int, _np_integer())):
+            raise TypeError(f"token_id must be an int, not {type(token_id).__name__}")
+        if not isinstance(byte_string, (bytes, bytearray, memoryview)):
+            raise TypeError(f"byte_string must be bytes, not {type(byte_string).__name__}")
         self = bytes.__new__(cls, byte_string)
         self.token_id = int(token_id)
         return self
+
+    @property
+    def byte_string(self) -> bytes:
+        """The token's bytes, as plain ``bytes``."""
+        return bytes(self)
+
+    @staticmethod
+    def as_bytes(x: Any) -> Any:
+        """The plain bytes of a Token; anything else is returned as it is."""
+        return bytes(x) if isinstance(x, Token) else x
+
+    @staticmethod
+    def is_plain_bytes(x: Any) -> bool:
+        """Whether ``x`` is ``bytes`` but not a Token."""
+        return isinstance(x, bytes) and not isinstance(x, Token)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, Token):
@@ -68,7 +102,13 @@ class Token(bytes):
         return (Token, (self.token_id, bytes(self)))
 
     def __repr__(self) -> str:
-        return f"Token({self.token_id}, {bytes.__repr__(self)})"
+        return f"Token(token_id={self.token_id}, byte_string={bytes.__repr__(self)})"
+
+
+def _np_integer() -> type:
+    """numpy's integer base class when numpy is loaded (ids often come from arrays), else int."""
+    np = sys.modules.get("numpy")
+    return np.integer if np is not None else int
 
 
 def tokens_from_bytes(byte_strings: Sequence[bytes]) -> list[Token]:
@@ -108,7 +148,7 @@ def _slow_tokenizer_decoder(tokenizer: Any) -> dict[str, Any]:
         }
     if hasattr(tokenizer, "wordpiece_tokenizer"):
         return {"type": "WordPiece", "prefix": "##"}
-    raise ValueError(
+    raise ByteVocabError(
         f"cannot decode the vocabulary of {type(tokenizer).__name__}: it has no fast "
         "(tokenizers) backend, and is not a byte-level BPE, SentencePiece or WordPiece "
         "slow tokenizer"
@@ -116,9 +156,16 @@ def _slow_tokenizer_decoder(tokenizer: Any) -> dict[str, Any]:
 
 
 def _decode(tokenizer: Any, fallback: str) -> tuple[list[bytes], list[str]]:
+    """Bytes and strings of every token id; ByteVocabError when the tokenizer's data cannot give them."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
-        return _core.vocab_from_tokenizer_json(backend.to_str(), fallback)
+        serialized = backend.to_str()
+        if not isinstance(serialized, str):
+            raise ByteVocabError(f"the tokenizer's backend serialized to {type(serialized).__name__}, not JSON text")
+        try:
+            return _core.vocab_from_tokenizer_json(serialized, fallback)
+        except ValueError as exc:
+            raise ByteVocabError(str(exc)) from exc
     if not hasattr(tokenizer, "get_vocab"):
         raise TypeError(f"tokenizer must be a transformers tokenizer, not {type(tokenizer).__name__}")
     decoder = _slow_tokenizer_decoder(tokenizer)
@@ -132,7 +179,18 @@ def _decode(tokenizer: Any, fallback: str) -> tuple[list[bytes], list[str]]:
         if token_id < size:
             pieces[token_id] = str(added)
             verbatim[token_id] = True
-    return _core.vocab_from_pieces(pieces, verbatim, json.dumps(decoder), fallback)
+    try:
+        return _core.vocab_from_pieces(pieces, verbatim, json.dumps(decoder), fallback)
+    except ValueError as exc:
+        raise ByteVocabError(str(exc)) from exc
+
+
+def get_byte_vocab(tokenizer: Any) -> list[bytes]:
+    """The bytes of every token id of ``tokenizer`` (see :func:`decode_vocab`), as plain bytes.
+
+    Raises :class:`ByteVocabError` when they cannot be derived.
+    """
+    return _decode(tokenizer, "tokenizer")[0]
 
 
 def decode_vocab(tokenizer: Any, byte2str_fallback: str = "tokenizer") -> tuple[list[Token], list[str]]:
@@ -147,11 +205,15 @@ def decode_vocab(tokenizer: Any, byte2str_fallback: str = "tokenizer") -> tuple[
     UTF-8: ``"tokenizer"`` (the piece as the tokenizer stores it), ``"latin1"``
     (one character per byte) or ``"replace"`` (U+FFFD for invalid sequences).
 
-    Raises ValueError naming the tokenizer kind when its token bytes cannot be
-    derived; never returns a guessed byte string.
+    Raises ValueError (chained to the :class:`ByteVocabError` that says why) when
+    the token bytes cannot be derived; never returns a guessed byte string.
     """
     _check_fallback(byte2str_fallback)
-    byte_strings, strings = _decode(tokenizer, byte2str_fallback)
+    try:
+        byte_strings, strings = _decode(tokenizer, byte2str_fallback)
+    except ByteVocabError as exc:
+        name = getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__
+        raise ValueError(f"Could not decode byte representation of the vocabulary of {name!r}: {exc}") from exc
     size = len(tokenizer)
     if len(byte_strings) < size:
         missing = size - len(byte_strings)

@@ -1,0 +1,9 @@
+"""genlm-backend's ``llm`` package: the language models and ``load_model_by_name``.
+
+The implementations are in :mod:`genlm_anyio.backends`; this path exists so that
+code written for ``genlm.backend.llm`` ports by changing the import.
+"""
+from ..backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
+from ..loading import load_model_by_name
+
+__all__ = ["AsyncLM", "AsyncTransformer", "AsyncVirtualLM", "MockAsyncLM", "load_model_by_name"]
