@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASSETS := $(PY) scripts/assets.py
 
-.PHONY: setup assets demo test test-rust test-python test-vllm bench clean
+.PHONY: setup assets demo test test-rust test-python test-vllm test-clients clients-reference bench clean
 
 setup:
 	@bash scripts/setup.sh
@@ -30,7 +30,17 @@ test-python: assets
 test-vllm: assets
 	$(PY) -m pytest -q -m vllm tests/test_vllm.py
 
-test: test-rust test-python test-vllm
+# Our users' own test suites (genlm-backend's, genlm-control's, genlm-bytes'),
+# from their released sdists, on genlm-anyio through the compat switch; failures
+# must be among those tests/clients/known_failures.txt lists (docs/compat.md).
+test-clients: assets
+	$(PY) scripts/client_suites.py
+
+# The same suites on genlm-backend itself, for comparison (not part of `make test`).
+clients-reference: assets
+	$(PY) scripts/client_suites.py --reference
+
+test: test-rust test-clients test-python test-vllm
 
 bench: assets
 	$(PY) benches/bench_vocab_trie.py
