@@ -1,6 +1,6 @@
 //! Property tests of the trie against brute force over random vocabularies.
 
-use _core::trie::{Trie, TrieError};
+use _core::trie::{Trie, TrieError, WordKey};
 use proptest::prelude::*;
 
 fn vocab() -> impl Strategy<Value = Vec<Vec<u8>>> {
@@ -17,6 +17,14 @@ fn under(v: &[Vec<u8>], prefix: &[u8]) -> Vec<usize> {
     (0..v.len()).filter(|&t| v[t].starts_with(prefix)).collect()
 }
 
+fn bytes(symbols: &[u32]) -> Vec<u8> {
+    symbols.iter().map(|&s| u8::try_from(s).unwrap()).collect()
+}
+
+fn trie_of(v: &[Vec<u8>]) -> Trie {
+    Trie::new(&refs(v))
+}
+
 fn close(a: f64, b: f64) -> bool {
     (a == b) || (a - b).abs() <= 1e-9 * (1.0 + a.abs().max(b.abs()))
 }
@@ -28,26 +36,89 @@ proptest! {
     fn structure_matches_brute_force(v in vocab()) {
         let trie = Trie::new(&refs(&v));
         prop_assert_eq!(trie.vocab_size(), v.len());
+        let mut leaves = 0;
         for n in 0..trie.num_nodes() as u32 {
-            let p = trie.prefix(n);
-            prop_assert_eq!(trie.node_of(&p), Some(n));
+            let p = bytes(&trie.prefix(n));
             let mut got = trie.tokens_under(n).to_vec();
             got.sort_unstable();
-            let want: Vec<u32> = under(&v, &p).into_iter().map(|t| t as u32).collect();
-            prop_assert!(!want.is_empty());
-            prop_assert_eq!(got, want);
-            let (bytes, nodes) = trie.children(n);
-            prop_assert!(bytes.windows(2).all(|w| w[0] < w[1]));
-            for (&b, &c) in bytes.iter().zip(nodes) {
+            if let Some(t) = trie.leaf_token(n) {
+                leaves += 1;
+                prop_assert_eq!(trie.token_leaf(t as usize), n);
+                prop_assert_eq!(&p, &v[t as usize]);
+                prop_assert_eq!(got, vec![t]);
+                prop_assert!(trie.children(n).is_empty());
+            } else {
+                prop_assert_eq!(trie.node_of_bytes(&p), Some(n));
+                let want: Vec<u32> = under(&v, &p).into_iter().map(|t| t as u32).collect();
+                prop_assert!(!want.is_empty());
+                prop_assert_eq!(got, want);
+            }
+            for &c in trie.children(n) {
                 prop_assert_eq!(trie.parent(c), Some(n));
-                prop_assert_eq!(trie.prefix(c), [&p[..], &[b]].concat());
-                prop_assert!(c > n && trie.subtree_end(c) <= trie.subtree_end(n));
+                prop_assert!(c < n);
+                if let Some(s) = trie.symbol(c) {
+                    prop_assert_eq!(bytes(&trie.prefix(c)), [&p[..], &[s as u8]].concat());
+                    prop_assert_eq!(trie.child(n, s), Some(c));
+                }
             }
         }
-        for (t, bytes) in v.iter().enumerate() {
-            prop_assert_eq!(trie.prefix(trie.token_node(t)), bytes.clone());
+        prop_assert_eq!(leaves, v.len());
+        prop_assert_eq!(trie.parent(trie.root()), None);
+        prop_assert_eq!(trie.node_of_bytes(b"zz"), None);
+    }
+
+    #[test]
+    fn numbering_is_genlm_backends(v in vocab()) {
+        // genlm-backend's construction: insert entries in order into dicts (a
+        // symbol edge or a (None, i) leaf edge), then number nodes in postorder.
+        let mut kids: Vec<Vec<(Option<u32>, usize)>> = vec![vec![]];
+        for word in &v {
+            let mut cur = 0;
+            for &b in word {
+                let edge = Some(u32::from(b));
+                cur = match kids[cur].iter().find(|(e, _)| *e == edge) {
+                    Some(&(_, c)) => c,
+                    None => {
+                        kids.push(vec![]);
+                        let c = kids.len() - 1;
+                        kids[cur].push((edge, c));
+                        c
+                    }
+                };
+            }
+            kids.push(vec![]);
+            let leaf = kids.len() - 1;
+            kids[cur].push((None, leaf));
         }
-        prop_assert_eq!(trie.node_of(b"zz"), None);
+        let mut number = vec![0usize; kids.len()];
+        let mut next = 0;
+        let mut stack = vec![(0usize, 0usize)];
+        while let Some((node, k)) = stack.pop() {
+            if k < kids[node].len() {
+                stack.push((node, k + 1));
+                stack.push((kids[node][k].1, 0));
+            } else {
+                number[node] = next;
+                next += 1;
+            }
+        }
+        let trie = trie_of(&v);
+        prop_assert_eq!(trie.num_nodes(), kids.len());
+        prop_assert_eq!(trie.root() as usize, number[0]);
+        for (old, edges) in kids.iter().enumerate() {
+            let got: Vec<(Option<u32>, u32)> = trie
+                .children(number[old] as u32)
+                .iter()
+                .map(|&c| (trie.symbol(c), c))
+                .collect();
+            let want: Vec<(Option<u32>, u32)> = edges.iter().map(|&(e, c)| (e, number[c] as u32)).collect();
+            prop_assert_eq!(got, want);
+            for &(e, c) in edges {
+                if e.is_none() {
+                    prop_assert!(trie.leaf_token(number[c] as u32).is_some());
+                }
+            }
+        }
     }
 
     #[test]
@@ -63,7 +134,10 @@ proptest! {
         trie.weight_max(&ws, &mut max).unwrap();
         trie.weight_logsumexp(&ws, &mut lse).unwrap();
         for node in 0..n as u32 {
-            let toks = under(&v, &trie.prefix(node));
+            let toks = match trie.leaf_token(node) {
+                Some(t) => vec![t as usize],
+                None => under(&v, &bytes(&trie.prefix(node))),
+            };
             let s: f64 = toks.iter().map(|&t| exp_ws[t]).sum();
             let m = toks.iter().map(|&t| ws[t]).fold(f64::NEG_INFINITY, f64::max);
             prop_assert!(close(sum[node as usize], s));
@@ -135,16 +209,42 @@ proptest! {
 fn duplicates_empty_tokens_and_extreme_bytes() {
     let v: Vec<&[u8]> = vec![b"ab", b"", b"a", b"ab", b"\x00", b"\xff\xff", b""];
     let trie = Trie::new(&v);
-    assert_eq!(trie.tokens_at(0), &[1, 6]);
-    let ab = trie.node_of(b"ab").unwrap();
-    assert_eq!(trie.tokens_at(ab), &[0, 3]);
-    assert_eq!(trie.token_node(0), trie.token_node(3));
-    assert_eq!(trie.tokens_under(trie.node_of(b"a").unwrap()), &[2, 0, 3]);
-    assert_eq!(trie.children(0).0, &[0x00, b'a', 0xff]);
+    let root = trie.root();
+    let ab = trie.node_of_bytes(b"ab").unwrap();
+    // Every entry has its own leaf, below the node of its bytes.
+    assert_eq!(trie.parent(trie.token_leaf(1)), Some(root));
+    assert_eq!(trie.parent(trie.token_leaf(6)), Some(root));
+    assert_ne!(trie.token_leaf(0), trie.token_leaf(3));
+    assert_eq!(trie.parent(trie.token_leaf(0)), Some(ab));
+    assert_eq!(trie.parent(trie.token_leaf(3)), Some(ab));
+    assert_eq!(trie.tokens_under(trie.node_of_bytes(b"a").unwrap()), &[2, 0, 3]);
+    // The root's edges in order of first entry: "a" (entry 0), leaf 1, \x00 (4), \xff (5), leaf 6.
+    let edges: Vec<Option<u32>> = trie.children(root).iter().map(|&c| trie.symbol(c)).collect();
+    assert_eq!(edges, vec![Some(u32::from(b'a')), None, Some(0), Some(0xff), None]);
     let mut out = vec![0.0; trie.num_nodes()];
     trie.weight_sum(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0], &mut out).unwrap();
-    assert_eq!(out[0], 28.0);
+    assert_eq!(out[root as usize], 28.0);
     assert_eq!(out[ab as usize], 5.0);
+    assert_eq!(out[trie.token_leaf(3) as usize], 4.0);
+}
+
+#[test]
+fn duplicates_by_key() {
+    let words: Vec<Vec<u32>> = vec![vec![1], vec![1], vec![1], vec![2], vec![1]];
+    let refs: Vec<&[u32]> = words.iter().map(Vec::as_slice).collect();
+    let keys = [WordKey::Token(0), WordKey::Token(1), WordKey::Other, WordKey::Plain, WordKey::Token(0)];
+    assert_eq!(Trie::from_words(&refs, &keys).duplicate(), Some((0, 4)));
+    let keys = [WordKey::Plain, WordKey::Token(1), WordKey::Plain, WordKey::Plain, WordKey::Token(1)];
+    assert_eq!(Trie::from_words(&refs, &keys).duplicate(), Some((0, 2)));
+    let keys = [WordKey::Other, WordKey::Other, WordKey::Token(3), WordKey::Plain, WordKey::Plain];
+    assert_eq!(Trie::from_words(&refs, &keys).duplicate(), None);
+    // Non-byte symbols are ordinary symbols.
+    let words: Vec<Vec<u32>> = vec![vec![300], vec![97, 300]];
+    let refs: Vec<&[u32]> = words.iter().map(Vec::as_slice).collect();
+    let trie = Trie::from_words(&refs, &[WordKey::Other; 2]);
+    assert_eq!(trie.num_nodes(), 6);
+    assert_eq!(trie.prefix(trie.token_leaf(1)), vec![97, 300]);
+    assert_eq!(trie.node_of(&[300]), trie.parent(trie.token_leaf(0)));
 }
 
 #[test]
@@ -152,15 +252,15 @@ fn errors_name_the_problem() {
     let v: Vec<&[u8]> = vec![b"a", b"b"];
     let trie = Trie::new(&v);
     let mut out = vec![0.0; trie.num_nodes()];
-    assert_eq!(trie.weight_sum(&[1.0, f64::NAN], &mut out), Err(TrieError::NanWeight { row: 0, index: 1 }));
-    assert_eq!(trie.weight_max(&[f64::NAN, 1.0], &mut out), Err(TrieError::NanWeight { row: 0, index: 0 }));
+    assert_eq!(trie.weight_sum(&[1.0, f64::NAN], &mut out), Err(TrieError::NanWeight { row: None, index: 1 }));
+    assert_eq!(trie.weight_max(&[f64::NAN, 1.0], &mut out), Err(TrieError::NanWeight { row: None, index: 0 }));
     let mut batch_out = vec![0.0; 2 * trie.num_nodes()];
     let err = trie.batch_weight_logsumexp(&[0.0, 0.0, 0.0, f64::NAN], 2, &mut batch_out).unwrap_err();
-    assert_eq!(err, TrieError::NanWeight { row: 1, index: 1 });
+    assert_eq!(err, TrieError::NanWeight { row: Some(1), index: 1 });
     assert!(err.to_string().contains("NaN"));
     // inf - inf is a legitimate NaN sum, not an input error.
     trie.weight_sum(&[f64::INFINITY, f64::NEG_INFINITY], &mut out).unwrap();
-    assert!(out[0].is_nan());
+    assert!(out[trie.root() as usize].is_nan());
     assert!(matches!(trie.weight_sum(&[1.0], &mut out), Err(TrieError::BadShape(_))));
     let mut mask = vec![0u8; 2];
     let table = vec![-1i32; 256];
@@ -176,11 +276,12 @@ fn logsumexp_is_stable_far_from_the_global_max() {
     let trie = Trie::new(&v);
     let mut out = vec![0.0; trie.num_nodes()];
     trie.weight_logsumexp(&[0.0, -2000.0, -2000.0], &mut out).unwrap();
-    let b = trie.node_of(b"b").unwrap() as usize;
+    let b = trie.node_of_bytes(b"b").unwrap() as usize;
+    let root = trie.root() as usize;
     assert!((out[b] - (-2000.0 + 2f64.ln())).abs() < 1e-9, "{}", out[b]);
-    assert!((out[0] - 0.0).abs() < 1e-12);
+    assert!((out[root] - 0.0).abs() < 1e-12);
     trie.weight_logsumexp(&[f64::NEG_INFINITY; 3], &mut out).unwrap();
     assert!(out.iter().all(|&x| x == f64::NEG_INFINITY));
     trie.weight_logsumexp(&[f64::INFINITY, 0.0, 0.0], &mut out).unwrap();
-    assert_eq!(out[0], f64::INFINITY);
+    assert_eq!(out[root], f64::INFINITY);
 }

@@ -1,12 +1,13 @@
 //! Bindings of the token-byte trie. `genlm_anyio.trie` wraps this class with the
 //! public API; arrays are passed by address (see `buffers`).
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::types::PyBytes;
+use pyo3::PyTypeInfo;
+use pyo3::types::{PyBytes, PyLong};
 
 use super::buffers::{slice, slice_mut};
-use crate::trie::{Trie, TrieError, Weight};
+use crate::trie::{Trie, TrieError, Weight, WordKey};
 
 fn to_py_err(e: TrieError) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -16,6 +17,7 @@ fn to_py_err(e: TrieError) -> PyErr {
 #[pyclass(module = "genlm_anyio._core", name = "TrieCore", frozen)]
 pub struct PyTrie {
     inner: Trie,
+    first_plain: Option<usize>,
 }
 
 #[derive(Clone, Copy)]
@@ -51,10 +53,10 @@ impl PyTrie {
     }
 
     /// Fill the int64 array at `out` (of length `len`) from `values`.
-    fn fill_i64(&self, out: usize, len: usize, values: impl Iterator<Item = u32>) -> PyResult<()> {
+    fn fill_i64(&self, out: usize, len: usize, values: impl Iterator<Item = i64>) -> PyResult<()> {
         let dst = unsafe { slice_mut::<i64>(out, len, "out")? };
         for (d, v) in dst.iter_mut().zip(values) {
-            *d = i64::from(v);
+            *d = v;
         }
         Ok(())
     }
@@ -64,26 +66,57 @@ impl PyTrie {
     }
 }
 
+/// The key of a `bytes` entry: a token when it is a bytes subclass with an int `token_id`.
+fn bytes_key(item: &PyAny) -> PyResult<WordKey> {
+    if PyBytes::is_exact_type_of(item) {
+        return Ok(WordKey::Plain);
+    }
+    match item.getattr("token_id") {
+        Ok(id) if id.downcast::<PyLong>().is_ok() => Ok(WordKey::Token(id.extract::<i64>()?)),
+        _ => Ok(WordKey::Plain),
+    }
+}
+
 #[pymethods]
 impl PyTrie {
-    /// Build from a sequence of `bytes` (Tokens included), one per token id.
+    /// Build from a sequence of entries. A `bytes` entry (Tokens included) is its
+    /// bytes; any other entry `x` is `encode(i, x)`, a list of symbol ids (256 or
+    /// more for non-bytes symbols).
     #[new]
-    fn new(py: Python<'_>, tokens: &PyAny) -> PyResult<Self> {
-        let tokens: Vec<&[u8]> = tokens
-            .iter()?
-            .enumerate()
-            .map(|(i, item)| {
-                let item = item?;
-                item.downcast::<PyBytes>().map(PyBytes::as_bytes).map_err(|_| {
-                    PyTypeError::new_err(format!(
-                        "vocabulary entry {i} must be bytes, not {}",
-                        item.get_type().name().unwrap_or("?")
-                    ))
+    fn new(py: Python<'_>, items: &PyAny, encode: &PyAny) -> PyResult<Self> {
+        let mut flat: Vec<u32> = Vec::new();
+        let mut ends: Vec<usize> = Vec::new();
+        let mut keys: Vec<WordKey> = Vec::new();
+        let mut first_plain = None;
+        for (i, item) in items.iter()?.enumerate() {
+            let item = item?;
+            let key = if let Ok(bytes) = item.downcast::<PyBytes>() {
+                flat.extend(bytes.as_bytes().iter().map(|&b| u32::from(b)));
+                bytes_key(item)?
+            } else {
+                let symbols: Vec<u32> = encode.call1((i, item))?.extract()?;
+                flat.extend(symbols);
+                WordKey::Other
+            };
+            if key == WordKey::Plain && first_plain.is_none() {
+                first_plain = Some(i);
+            }
+            keys.push(key);
+            ends.push(flat.len());
+        }
+        let inner = py.allow_threads(|| {
+            let mut lo = 0;
+            let words: Vec<&[u32]> = ends
+                .iter()
+                .map(|&hi| {
+                    let w = &flat[lo..hi];
+                    lo = hi;
+                    w
                 })
-            })
-            .collect::<PyResult<_>>()?;
-        let inner = py.allow_threads(|| Trie::new(&tokens));
-        Ok(PyTrie { inner })
+                .collect();
+            Trie::from_words(&words, &keys)
+        });
+        Ok(PyTrie { inner, first_plain })
     }
 
     #[getter]
@@ -96,43 +129,77 @@ impl PyTrie {
         self.inner.vocab_size()
     }
 
-    /// `(byte, child)` pairs in increasing byte order.
-    fn children(&self, node: u32) -> PyResult<Vec<(u8, u32)>> {
-        let (bytes, nodes) = self.inner.children(self.check_node(node)?);
-        Ok(bytes.iter().copied().zip(nodes.iter().copied()).collect())
+    #[getter]
+    fn root(&self) -> u32 {
+        self.inner.root()
+    }
+
+    /// The first duplicate pair of entries `(earlier, later)`, if any.
+    #[getter]
+    fn duplicate(&self) -> Option<(usize, usize)> {
+        self.inner.duplicate()
+    }
+
+    /// The index of the first plain `bytes` entry (not a token), if any.
+    #[getter]
+    fn first_plain(&self) -> Option<usize> {
+        self.first_plain
+    }
+
+    /// `(label, child)` pairs in increasing child order; the label is the edge's
+    /// symbol, or `-1 - i` for the leaf of entry `i`.
+    fn children(&self, node: u32) -> PyResult<Vec<(i64, u32)>> {
+        let node = self.check_node(node)?;
+        Ok(self
+            .inner
+            .children(node)
+            .iter()
+            .map(|&c| match self.inner.leaf_token(c) {
+                Some(t) => (-1 - i64::from(t), c),
+                None => (i64::from(self.inner.symbol(c).unwrap_or(0)), c),
+            })
+            .collect())
     }
 
     fn node_of(&self, prefix: &[u8]) -> Option<u32> {
-        self.inner.node_of(prefix)
+        self.inner.node_of_bytes(prefix)
     }
 
-    fn prefix<'py>(&self, py: Python<'py>, node: u32) -> PyResult<&'py PyBytes> {
-        Ok(PyBytes::new(py, &self.inner.prefix(self.check_node(node)?)))
+    /// The symbols from the root to `node`.
+    fn prefix(&self, node: u32) -> PyResult<Vec<u32>> {
+        Ok(self.inner.prefix(self.check_node(node)?))
     }
 
     fn parent(&self, node: u32) -> PyResult<Option<u32>> {
         Ok(self.inner.parent(self.check_node(node)?))
     }
 
-    /// `(start, stop)` of the node's tokens in the sorted token order.
+    /// `(start, stop)` of the node's entries in the sorted entry order.
     fn tokens_under_range(&self, node: u32) -> PyResult<(usize, usize)> {
         Ok(self.inner.tokens_under_range(self.check_node(node)?))
     }
 
-    /// Fill the int64 array at `out` (length V) with the token ids in trie order.
+    /// Fill the int64 array at `out` (length V) with the entries in trie order.
     fn sorted_tokens(&self, out: usize) -> PyResult<()> {
-        self.fill_i64(out, self.inner.vocab_size(), self.inner.sorted_tokens().iter().copied())
+        self.fill_i64(out, self.inner.vocab_size(), self.inner.sorted_tokens().iter().map(|&t| i64::from(t)))
     }
 
-    /// Fill the int64 array at `out` (length V) with each token's node.
-    fn token_nodes(&self, out: usize) -> PyResult<()> {
-        self.fill_i64(out, self.inner.vocab_size(), (0..self.inner.vocab_size()).map(|t| self.inner.token_node(t)))
+    /// Fill the int64 array at `out` (length V) with each entry's leaf.
+    fn token_leaves(&self, out: usize) -> PyResult<()> {
+        let v = self.inner.vocab_size();
+        self.fill_i64(out, v, (0..v).map(|t| i64::from(self.inner.token_leaf(t))))
     }
 
-    /// Fill the int64 array at `out` (length num_nodes) with each node's parent (the root's is 0).
+    /// Fill the int64 array at `out` (length num_nodes) with each leaf's entry (-1 for prefix nodes).
+    fn node_tokens(&self, out: usize) -> PyResult<()> {
+        let n = self.inner.num_nodes() as u32;
+        self.fill_i64(out, n as usize, (0..n).map(|c| self.inner.leaf_token(c).map_or(-1, i64::from)))
+    }
+
+    /// Fill the int64 array at `out` (length num_nodes) with each node's parent (the root's is itself).
     fn parents(&self, out: usize) -> PyResult<()> {
         let n = self.inner.num_nodes() as u32;
-        self.fill_i64(out, n as usize, (0..n).map(|c| self.inner.parent(c).unwrap_or(0)))
+        self.fill_i64(out, n as usize, (0..n).map(|c| i64::from(self.inner.parent(c).unwrap_or(c))))
     }
 
     /// Per-node reduction (`"sum"`, `"max"`, `"logsumexp"`) of the float32

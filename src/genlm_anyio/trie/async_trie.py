@@ -11,6 +11,8 @@ from ..batching import Batcher
 from .parallel import ParallelTokenCharacterTrie
 from .rust import TokenCharacterTrie
 
+_OPS = ("sum", "max")
+
 
 class _Request:
     """One reduction of one weight vector; hashed by identity, so never shared."""
@@ -23,36 +25,73 @@ class _Request:
 
 class AsyncTokenCharacterTrie:
     """``await weight_sum(ws)`` / ``await weight_max(ws)`` from many tasks, computed
-    as batched reductions of ``trie`` in a worker thread (asyncio or trio)."""
+    as batched reductions of ``trie`` in a worker thread (asyncio or trio).
+
+    A request whose weights the trie refuses (NaN, say) fails only in the task
+    that sent it; the others batched with it get their results. The worker starts
+    on the first request (or :meth:`start`); :meth:`shutdown` / :meth:`cleanup`
+    stop it, and a later request starts a new one.
+    """
 
     def __init__(self, trie: TokenCharacterTrie, max_batch_size: int = 256):
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
         self.trie = trie
-        self._batcher: Batcher[_Request, np.ndarray] = Batcher(
-            self._compute, max_batch_size=max_batch_size, name="genlm-anyio-trie"
-        )
+        self._max_batch_size = max_batch_size
+        self._batcher: Batcher[_Request, Any] | None = None
+        self._stats = None
 
     @classmethod
-    def from_vocab(cls, vocab: Sequence[bytes], backend: str | None = None, **kwargs: Any) -> "AsyncTokenCharacterTrie":
-        """Build the trie of ``vocab``: ``backend`` ``"rust"`` (the default; also
-        ``"sequential"``) or ``"parallel"`` (torch, ``device=`` in ``kwargs``)."""
-        if backend in (None, "rust", "sequential"):
+    def from_vocab(cls, vocab: Sequence[Any], backend: str = "parallel", **kwargs: Any) -> "AsyncTokenCharacterTrie":
+        """Build the trie of ``vocab``: ``backend`` ``"parallel"`` (torch, ``device=``
+        in ``kwargs``; the default, as in genlm-backend) or ``"sequential"`` (the
+        Rust core; also ``"rust"``)."""
+        if backend in ("sequential", "rust"):
             return cls(TokenCharacterTrie(vocab, **kwargs))
         if backend == "parallel":
             return cls(ParallelTokenCharacterTrie(vocab, **kwargs))
-        raise ValueError(f"backend must be 'rust', 'sequential' or 'parallel', not {backend!r}")
+        raise ValueError(f"backend must be 'sequential', 'parallel' or 'rust', not {backend!r}")
 
-    def _compute(self, batch: list[_Request]) -> list[np.ndarray]:
-        results: dict[int, np.ndarray] = {}
-        for op, reduce in (("sum", self.trie.batch_weight_sum), ("max", self.trie.batch_weight_max)):
+    def start(self) -> None:
+        """Start the worker if it is not running (requests start it too)."""
+        if self._batcher is None:
+            self._batcher = Batcher(self._compute, max_batch_size=self._max_batch_size, name="genlm-anyio-trie")
+            self._stats = self._batcher.stats
+
+    @property
+    def _task(self) -> Batcher[_Request, Any] | None:
+        """The running worker's batcher, or None (genlm-backend's tests look at ``_task``)."""
+        return self._batcher
+
+    def _compute(self, batch: list[_Request]) -> list[Any]:
+        """Results in order; a request the trie refuses gets its exception as its result."""
+        results: dict[int, Any] = {}
+        for op in _OPS:
             members = [i for i, req in enumerate(batch) if req.op == op]
-            if members:
-                rows = reduce(np.stack([batch[i].ws for i in members]))
-                results.update(zip(members, rows))
+            if not members:
+                continue
+            batch_op = self.trie.batch_weight_sum if op == "sum" else self.trie.batch_weight_max
+            try:
+                results.update(zip(members, batch_op(np.stack([batch[i].ws for i in members]))))
+            except (ValueError, TypeError):
+                # Someone's weights were refused: each request on its own, so that
+                # the error (about that request alone) reaches only its sender.
+                single = self.trie.weight_sum if op == "sum" else self.trie.weight_max
+                for i in members:
+                    try:
+                        results[i] = single(batch[i].ws)
+                    except (ValueError, TypeError) as exc:
+                        results[i] = exc
         return [results[i] for i in range(len(batch))]
 
     async def _submit(self, op: str, ws: Any) -> np.ndarray:
         arr = float_array(ws, "ws", 1, self.trie.vocab_size)
-        return await self._batcher.submit(_Request(op, arr))
+        self.start()
+        assert self._batcher is not None
+        result = await self._batcher.submit(_Request(op, arr))
+        if isinstance(result, Exception):
+            raise result
+        return result
 
     async def weight_sum(self, ws: Any) -> np.ndarray:
         """:meth:`TokenCharacterTrie.weight_sum`, batched with concurrent calls."""
@@ -64,20 +103,28 @@ class AsyncTokenCharacterTrie:
 
     @property
     def batch_stats(self):
-        return self._batcher.stats
+        """The latest worker's batching counters (None before the first request)."""
+        return self._stats
 
-    def close(self) -> None:
-        """Stop the worker; the object is unusable afterwards."""
-        self._batcher.close()
+    def shutdown(self) -> None:
+        """Stop the worker; requests still pending fail. A later request starts a new one."""
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close()
 
-    shutdown = close  # genlm-backend's name
+    close = shutdown
 
     async def cleanup(self) -> None:
-        """:meth:`close`, without blocking the event loop."""
-        await anyio.to_thread.run_sync(self.close)
+        """:meth:`shutdown`, without blocking the event loop."""
+        await anyio.to_thread.run_sync(self.shutdown)
 
     async def __aenter__(self) -> "AsyncTokenCharacterTrie":
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         await self.cleanup()
+
+    def __del__(self) -> None:
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:
+            batcher.close()

@@ -6,26 +6,28 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from ..arrays import address
+from ..arrays import address, is_torch_tensor
 from .rust import TokenCharacterTrie
 
 
 class ParallelTokenCharacterTrie(TokenCharacterTrie):
     """:class:`TokenCharacterTrie` whose reductions run in torch on ``device``.
 
-    The node/token relation is a sparse ``(num_nodes, V)`` matrix with one entry
-    per (ancestor, token) pair, so a batch of sums is one sparse-dense product and
-    a batch of maxima one ``scatter_reduce``. ``device`` defaults to CUDA when it
-    is available. Results are float64 numpy arrays, as with the Rust trie.
+    The entry/node relation is a sparse ``(num_nodes, V)`` matrix with one entry
+    per (node, entry under it) pair, so a batch of sums is one sparse-dense
+    product and a batch of maxima one ``scatter_reduce``, in float64. ``device``
+    is ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (ValueError otherwise, or for CUDA
+    where there is none); None means CUDA when it is available. Results are
+    float64 numpy arrays, as with the Rust trie.
     """
 
-    def __init__(self, decode: Sequence[bytes], device: str | torch.device | None = None):
-        super().__init__(decode)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    def __init__(self, decode: Sequence[Any], device: str | torch.device | None = None, **kwargs: Any):
+        super().__init__(decode, **kwargs)
+        self.device: str = _device(device)
         parents = np.empty(self.num_nodes, dtype=np.int64)
         self._core.parents(address(parents))
         rows, cols = [], []
-        nodes, tokens = self._token_nodes.copy(), np.arange(self.vocab_size)
+        nodes, tokens = self._token_leaves.copy(), np.arange(self.vocab_size)
         while len(nodes):
             rows.append(nodes)
             cols.append(tokens)
@@ -38,34 +40,61 @@ class ParallelTokenCharacterTrie(TokenCharacterTrie):
         shape = (self.num_nodes, self.vocab_size)
         self._matrix = torch.sparse_coo_tensor(index, values, shape, check_invariants=False).coalesce()
 
-    def _batch(self, ws: Any) -> torch.Tensor:
-        batch = torch.as_tensor(ws).to(self.device, torch.float64)
+    def _preprocess_ws(self, ws: Any) -> torch.Tensor:
+        """A batch of weights (a ``(B, V)`` array or tensor, or a sequence of ``(V,)``
+        rows) as a float64 ``(B, V)`` tensor on ``device``; ValueError for a wrong
+        shape or a NaN."""
+        if isinstance(ws, (list, tuple)) and ws and all(is_torch_tensor(w) for w in ws):
+            batch = torch.stack([w.detach().to(self.device, torch.float64) for w in ws])
+        elif is_torch_tensor(ws):
+            batch = ws.detach().to(self.device, torch.float64)
+        else:
+            batch = torch.as_tensor(np.asarray(ws, dtype=np.float64), device=self.device)
         if batch.dim() != 2 or batch.shape[1] != self.vocab_size:
             raise ValueError(f"ws must have shape (B, {self.vocab_size}), not {tuple(batch.shape)}")
-        if torch.isnan(batch).any():
-            row, index = (int(i) for i in torch.nonzero(torch.isnan(batch))[0])
+        nan = torch.isnan(batch)
+        if nan.any():
+            row, index = (int(i) for i in torch.nonzero(nan)[0])
             raise ValueError(f"weights contain NaN (row {row}, token {index})")
         return batch
 
     def batch_weight_sum(self, ws: Any) -> np.ndarray:
-        return torch.sparse.mm(self._matrix, self._batch(ws).T).T.cpu().numpy()
+        return torch.sparse.mm(self._matrix, self._preprocess_ws(ws).T).T.cpu().numpy()
 
     def batch_weight_max(self, ws: Any) -> np.ndarray:
-        batch = self._batch(ws)
+        batch = self._preprocess_ws(ws)
         out = torch.full((batch.shape[0], self.num_nodes), -torch.inf, dtype=torch.float64, device=self.device)
         index = self._rows.expand(batch.shape[0], -1)
         out.scatter_reduce_(1, index, batch[:, self._cols], reduce="amax")
         return out.cpu().numpy()
 
     def weight_sum(self, ws: Any) -> np.ndarray:
-        return self.batch_weight_sum(_row(ws))[0]
+        return _single(self.batch_weight_sum, ws)
 
     def weight_max(self, ws: Any) -> np.ndarray:
-        return self.batch_weight_max(_row(ws))[0]
+        return _single(self.batch_weight_max, ws)
 
 
-def _row(ws: Any) -> torch.Tensor:
-    row = torch.as_tensor(ws)
+def _device(device: str | torch.device | None) -> str:
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or None, not {device!r}") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or None, not {device!r}")
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} asked for, but CUDA is not available")
+    return str(parsed)
+
+
+def _single(batch_op: Any, ws: Any) -> np.ndarray:
+    """``batch_op`` on the one row ``ws`` (shape ``(V,)``), with errors about it, not a batch."""
+    row = ws.detach() if is_torch_tensor(ws) else torch.as_tensor(np.asarray(ws, dtype=np.float64))
     if row.dim() != 1:
         raise ValueError(f"ws must have shape (V,), not {tuple(row.shape)}")
-    return row.unsqueeze(0)
+    try:
+        return batch_op(row.unsqueeze(0))[0]
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("(row 0, token", "(token")) from None
