@@ -5,9 +5,6 @@ from typing import Any
 
 import numpy as np
 
-_NATIVE_FLOATS = (np.float32, np.float64)
-
-
 def is_torch_tensor(x: Any) -> bool:
     """Whether ``x`` is a torch tensor, without importing torch."""
     return type(x).__module__.startswith("torch") and hasattr(x, "detach")
@@ -16,9 +13,10 @@ def is_torch_tensor(x: Any) -> bool:
 def float_array(x: Any, name: str, ndim: int, width: int) -> np.ndarray:
     """``x`` as a C-contiguous float32/float64 array of shape (..., width) with ``ndim`` dims.
 
-    Accepts numpy arrays and torch tensors of any float dtype (other float types
-    are widened to float32); raises TypeError for non-float data and ValueError
-    for a wrong shape, naming ``name``.
+    Accepts numpy arrays and torch tensors of any float dtype. Native float32
+    is kept; every other float type (float16, bfloat16, non-native byte order,
+    longdouble) becomes native float64, so no weight is ever narrowed. Raises
+    TypeError for non-float data and ValueError for a wrong shape, naming ``name``.
     """
     if is_torch_tensor(x):
         x = x.detach()
@@ -27,14 +25,14 @@ def float_array(x: Any, name: str, ndim: int, width: int) -> np.ndarray:
         if not x.is_floating_point():
             raise TypeError(f"{name} must hold floats, not {x.dtype}")
         if x.dtype not in _torch_native_floats():
-            x = x.float()
+            x = x.double()
         x = x.numpy()
     else:
         x = np.asarray(x)
         if not np.issubdtype(x.dtype, np.floating):
             raise TypeError(f"{name} must hold floats, not {x.dtype}")
-        if x.dtype not in _NATIVE_FLOATS:
-            x = x.astype(np.float32)
+        if x.dtype != np.dtype(np.float32) and x.dtype != np.dtype(np.float64):
+            x = x.astype(np.float64)
     if x.ndim != ndim or x.shape[-1] != width:
         want = f"({width},)" if ndim == 1 else f"(B, {width})"
         raise ValueError(f"{name} must have shape {want}, not {tuple(x.shape)}")

@@ -7,6 +7,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
+use super::no_panic;
 use crate::vocab::{gguf_vocab, tokenizer_json, PieceKind, RawVocab, StrFallback, VocabError};
 
 type Decoded = (Vec<Vec<u8>>, Vec<String>);
@@ -37,11 +38,13 @@ fn to_python(py: Python<'_>, (bytes, strings): Decoded) -> (PyObject, PyObject) 
 /// Decode a `tokenizers` JSON (`backend_tokenizer.to_str()` or `tokenizer.json`).
 #[pyfunction]
 fn vocab_from_tokenizer_json(py: Python<'_>, text: &str, fallback: &str) -> PyResult<(PyObject, PyObject)> {
-    let fallback = parse_fallback(fallback)?;
-    let decoded = py
-        .allow_threads(|| tokenizer_json::read(text).and_then(|raw| decode(&raw, fallback)))
-        .map_err(to_py_err)?;
-    Ok(to_python(py, decoded))
+    no_panic("vocab_from_tokenizer_json", || {
+        let fallback = parse_fallback(fallback)?;
+        let decoded = py
+            .allow_threads(|| tokenizer_json::read(text).and_then(|raw| decode(&raw, fallback)))
+            .map_err(to_py_err)?;
+        Ok(to_python(py, decoded))
+    })
 }
 
 /// Decode pieces listed by id (`None` for an unused id) with a decoder given as
@@ -54,36 +57,40 @@ fn vocab_from_pieces(
     decoder: &str,
     fallback: &str,
 ) -> PyResult<(PyObject, PyObject)> {
-    let fallback = parse_fallback(fallback)?;
-    if verbatim.len() != pieces.len() {
-        return Err(PyValueError::new_err(format!(
-            "verbatim has {} entries for {} pieces",
-            verbatim.len(),
-            pieces.len()
-        )));
-    }
-    let decoded = py
-        .allow_threads(|| {
-            let decoder = tokenizer_json::decoder_from_json(decoder)?;
-            let pieces = pieces
-                .into_iter()
-                .zip(verbatim)
-                .map(|(p, v)| p.map(|p| (p.into_bytes(), if v { PieceKind::Verbatim } else { PieceKind::Decoded })))
-                .collect();
-            decode(&RawVocab { pieces, decoder }, fallback)
-        })
-        .map_err(to_py_err)?;
-    Ok(to_python(py, decoded))
+    no_panic("vocab_from_pieces", || {
+        let fallback = parse_fallback(fallback)?;
+        if verbatim.len() != pieces.len() {
+            return Err(PyValueError::new_err(format!(
+                "verbatim has {} entries for {} pieces",
+                verbatim.len(),
+                pieces.len()
+            )));
+        }
+        let decoded = py
+            .allow_threads(|| {
+                let decoder = tokenizer_json::decoder_from_json(decoder)?;
+                let pieces = pieces
+                    .into_iter()
+                    .zip(verbatim)
+                    .map(|(p, v)| p.map(|p| (p.into_bytes(), if v { PieceKind::Verbatim } else { PieceKind::Decoded })))
+                    .collect();
+                decode(&RawVocab { pieces, decoder }, fallback)
+            })
+            .map_err(to_py_err)?;
+        Ok(to_python(py, decoded))
+    })
 }
 
 /// Decode the vocabulary stored in a GGUF file.
 #[pyfunction]
 fn vocab_from_gguf(py: Python<'_>, path: PathBuf, fallback: &str) -> PyResult<(PyObject, PyObject)> {
-    let fallback = parse_fallback(fallback)?;
-    let decoded = py
-        .allow_threads(|| gguf_vocab::read(&path).and_then(|raw| decode(&raw, fallback)))
-        .map_err(to_py_err)?;
-    Ok(to_python(py, decoded))
+    no_panic("vocab_from_gguf", || {
+        let fallback = parse_fallback(fallback)?;
+        let decoded = py
+            .allow_threads(|| gguf_vocab::read(&path).and_then(|raw| decode(&raw, fallback)))
+            .map_err(to_py_err)?;
+        Ok(to_python(py, decoded))
+    })
 }
 
 pub fn register(m: &PyModule) -> PyResult<()> {

@@ -38,12 +38,27 @@ impl Decoder {
     }
 
     /// The bytes that `piece` stands for.
+    ///
+    /// A chain from a file can grow a piece without bound (each `Replace` of
+    /// one byte by two doubles it), so a piece may decode to at most
+    /// [`max_token_bytes`] bytes; a longer result is an error, found before it
+    /// is built.
     pub fn decode(&self, piece: &[u8]) -> Result<Vec<u8>, VocabError> {
         if let Some(Step::ByteLevel) = self.steps.first() {
             return byte_level_bytes(piece);
         }
+        let limit = max_token_bytes(piece.len());
+        let too_long = || {
+            VocabError::Undecodable(format!(
+                "the decoder grows piece {:?} beyond {limit} bytes",
+                String::from_utf8_lossy(&piece[..piece.len().min(64)])
+            ))
+        };
         let mut text = piece.to_vec();
         for step in &self.steps {
+            if text.len() > limit {
+                return Err(too_long());
+            }
             match step {
                 Step::ByteLevel => return byte_level_bytes(&text),
                 Step::ByteFallback => {
@@ -51,7 +66,9 @@ impl Decoder {
                         return Ok(vec![b]);
                     }
                 }
-                Step::Replace { pattern, content } => text = replace(&text, pattern, content),
+                Step::Replace { pattern, content } => {
+                    text = replace(&text, pattern, content, limit).ok_or_else(too_long)?
+                }
                 Step::WordPiece { prefix } => {
                     text = match text.strip_prefix(prefix.as_slice()) {
                         Some(rest) => rest.to_vec(),
@@ -65,8 +82,18 @@ impl Decoder {
                 }
             }
         }
+        if text.len() > limit {
+            return Err(too_long());
+        }
         Ok(text)
     }
+}
+
+/// The most bytes a piece of `piece_len` bytes may decode to: real decoder
+/// chains shrink pieces or add one space; this leaves room for any plausible
+/// `Replace` while keeping a vocabulary's bytes proportional to its file.
+pub const fn max_token_bytes(piece_len: usize) -> usize {
+    piece_len.saturating_mul(4).saturating_add(64)
 }
 
 fn byte_level_bytes(piece: &[u8]) -> Result<Vec<u8>, VocabError> {
@@ -100,14 +127,22 @@ pub fn byte_fallback(piece: &[u8]) -> Option<u8> {
     }
 }
 
-fn replace(text: &[u8], pattern: &[u8], content: &[u8]) -> Vec<u8> {
+/// `text` with every `pattern` replaced by `content`, or `None` once the result
+/// would pass `limit` bytes.
+fn replace(text: &[u8], pattern: &[u8], content: &[u8], limit: usize) -> Option<Vec<u8>> {
     if pattern.is_empty() || text.len() < pattern.len() {
-        return text.to_vec();
+        return Some(text.to_vec());
     }
-    let mut out = Vec::with_capacity(text.len());
+    let mut out = Vec::with_capacity(text.len().min(limit));
     let mut i = 0;
     while i < text.len() {
+        if out.len() > limit {
+            return None;
+        }
         if text[i..].starts_with(pattern) {
+            if out.len() + content.len() > limit {
+                return None;
+            }
             out.extend_from_slice(content);
             i += pattern.len();
         } else {
@@ -115,7 +150,7 @@ fn replace(text: &[u8], pattern: &[u8], content: &[u8]) -> Vec<u8> {
             i += 1;
         }
     }
-    out
+    (out.len() <= limit).then_some(out)
 }
 
 /// The metaspace character that SentencePiece uses for a space.
@@ -166,7 +201,24 @@ mod tests {
 
     #[test]
     fn replace_all_occurrences() {
-        assert_eq!(replace(b"a--b--", b"--", b"+"), b"a+b+");
-        assert_eq!(replace(b"ab", b"", b"+"), b"ab");
+        assert_eq!(replace(b"a--b--", b"--", b"+", 100).unwrap(), b"a+b+");
+        assert_eq!(replace(b"ab", b"", b"+", 100).unwrap(), b"ab");
+        assert_eq!(replace(b"aaa", b"a", b"xy", 6).unwrap(), b"xyxyxy");
+        assert_eq!(replace(b"aaa", b"a", b"xy", 5), None);
+    }
+
+    #[test]
+    fn a_growing_chain_is_an_error_before_it_is_built() {
+        // 40 doublings of one byte: a 2.7 KB tokenizer.json that aborted on a 1 GiB allocation.
+        let d = Decoder::new(vec![Step::Replace { pattern: b"a".to_vec(), content: b"aa".to_vec() }; 40]);
+        let err = d.decode(b"a").unwrap_err().to_string();
+        assert!(err.contains("grows piece \"a\" beyond 68 bytes"), "{err}");
+        let huge = Decoder::new(vec![Step::Replace { pattern: b"a".to_vec(), content: vec![b'b'; 1 << 20] }]);
+        assert!(huge.decode(&[b'a'; 1000]).is_err());
+        // Six doublings stay within the bound and decode.
+        let d = Decoder::new(vec![Step::Replace { pattern: b"a".to_vec(), content: b"aa".to_vec() }; 6]);
+        assert_eq!(d.decode(b"a").unwrap(), vec![b'a'; 64]);
+        let d = Decoder::new(vec![Step::WordPiece { prefix: b"##".to_vec() }; 100]);
+        assert!(d.decode(b"x").is_err());
     }
 }

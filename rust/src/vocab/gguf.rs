@@ -1,45 +1,16 @@
-//! A reader of GGUF metadata (the key/value section at the head of the file).
+//! A reader of the vocabulary in a GGUF file's metadata (the key/value section
+//! at the head of the file).
 //!
-//! Only the metadata is read, through a buffered reader from the start of the
-//! file, so a multi-gigabyte model file costs no more than its header.
+//! Only the three `tokenizer.ggml.*` keys that decide token bytes are kept;
+//! every other value is skipped without being materialised. The reader is built
+//! for hostile files: it never recurses (nested arrays are walked with an
+//! explicit stack, at most [`MAX_DEPTH`] deep), and every length or count the
+//! file claims is checked against the bytes left in the file before anything is
+//! allocated or read for it, so memory stays proportional to the file's size.
 
 use std::fs::File;
-use std::io::{BufReader, Read};
+use std::io::{BufReader, Read, Seek, SeekFrom};
 use std::path::Path;
-
-/// A metadata value.
-#[derive(Debug, Clone, PartialEq)]
-pub enum GgufValue {
-    U8(u8),
-    I8(i8),
-    U16(u16),
-    I16(i16),
-    U32(u32),
-    I32(i32),
-    F32(f32),
-    Bool(bool),
-    Str(Vec<u8>),
-    Array(Vec<GgufValue>),
-    U64(u64),
-    I64(i64),
-    F64(f64),
-}
-
-impl GgufValue {
-    fn as_int(&self) -> Option<i64> {
-        Some(match *self {
-            GgufValue::U8(v) => v.into(),
-            GgufValue::I8(v) => v.into(),
-            GgufValue::U16(v) => v.into(),
-            GgufValue::I16(v) => v.into(),
-            GgufValue::U32(v) => v.into(),
-            GgufValue::I32(v) => v.into(),
-            GgufValue::U64(v) => i64::try_from(v).ok()?,
-            GgufValue::I64(v) => v,
-            _ => return None,
-        })
-    }
-}
 
 /// Why a GGUF file could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,29 +29,81 @@ impl std::fmt::Display for GgufError {
 
 impl std::error::Error for GgufError {}
 
-/// The metadata of a GGUF file, in file order.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GgufMetadata {
-    pub version: u32,
-    pub kv: Vec<(String, GgufValue)>,
+/// The tokenizer part of a GGUF file's metadata.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GgufTokenizer {
+    /// `tokenizer.ggml.model`, e.g. "gpt2", "llama", "bert", "t5".
+    pub model: String,
+    /// `tokenizer.ggml.tokens`: the stored piece of every id.
+    pub tokens: Vec<Vec<u8>>,
+    /// `tokenizer.ggml.token_type` (llama.cpp's token types), when present.
+    pub token_types: Option<Vec<i32>>,
 }
 
-/// Entries claimed beyond this many are taken as corruption, not allocated.
-const MAX_ITEMS: u64 = 1 << 28;
+/// Arrays nested deeper than this are taken as corruption (llama.cpp writes none).
+pub const MAX_DEPTH: usize = 64;
+
+/// Up to this many items are reserved ahead; longer arrays grow as items are read.
+const RESERVE_CAP: u64 = 1 << 16;
+
+const TYPE_STRING: u32 = 8;
+const TYPE_ARRAY: u32 = 9;
+
+/// The encoded size of a fixed-size value type.
+fn fixed_size(ty: u32) -> Option<u64> {
+    match ty {
+        0 | 1 | 7 => Some(1),
+        2 | 3 => Some(2),
+        4 | 5 | 6 => Some(4),
+        10 | 11 | 12 => Some(8),
+        _ => None,
+    }
+}
+
+/// The fewest bytes a value of type `ty` takes in the file.
+fn min_size(ty: u32) -> Option<u64> {
+    match ty {
+        TYPE_STRING => Some(8),      // its length
+        TYPE_ARRAY => Some(4 + 8), // its item type and count
+        _ => fixed_size(ty),
+    }
+}
 
 struct Reader<R> {
     inner: R,
     offset: u64,
+    len: u64,
 }
 
 impl<R: Read> Reader<R> {
+    fn remaining(&self) -> u64 {
+        self.len.saturating_sub(self.offset)
+    }
+
+    fn truncated(&self, what: &str, need: u64) -> GgufError {
+        GgufError::Format(format!(
+            "{what} at byte {} needs {need} bytes but the file has {} left",
+            self.offset,
+            self.remaining()
+        ))
+    }
+
     fn bytes<const N: usize>(&mut self) -> Result<[u8; N], GgufError> {
         let mut buf = [0u8; N];
-        self.inner
-            .read_exact(&mut buf)
-            .map_err(|e| GgufError::Format(format!("truncated at byte {}: {e}", self.offset)))?;
-        self.offset += N as u64;
+        self.fill(&mut buf)?;
         Ok(buf)
+    }
+
+    fn fill(&mut self, buf: &mut [u8]) -> Result<(), GgufError> {
+        let need = buf.len() as u64;
+        if need > self.remaining() {
+            return Err(self.truncated("value", need));
+        }
+        self.inner
+            .read_exact(buf)
+            .map_err(|e| GgufError::Io(format!("read failed at byte {}: {e}", self.offset)))?;
+        self.offset += need;
+        Ok(())
     }
 
     fn u32(&mut self) -> Result<u32, GgufError> {
@@ -91,146 +114,208 @@ impl<R: Read> Reader<R> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
 
-    fn count(&mut self, what: &str) -> Result<u64, GgufError> {
+    /// A count of items of at least `item_size` bytes each, backed by the bytes left.
+    fn count(&mut self, what: &str, item_size: u64) -> Result<u64, GgufError> {
         let at = self.offset;
         let n = self.u64()?;
-        if n > MAX_ITEMS {
-            return Err(GgufError::Format(format!("implausible {what} length {n} at byte {at}")));
+        match n.checked_mul(item_size) {
+            Some(need) if need <= self.remaining() => Ok(n),
+            _ => Err(GgufError::Format(format!(
+                "{what} at byte {at} claims {n} items of at least {item_size} bytes, but the file has {} bytes left",
+                self.remaining()
+            ))),
         }
-        Ok(n)
+    }
+
+    /// Pass over `n` bytes without keeping them.
+    fn skip(&mut self, n: u64) -> Result<(), GgufError> {
+        if n > self.remaining() {
+            return Err(self.truncated("value", n));
+        }
+        let mut buf = [0u8; 8192];
+        let mut left = n;
+        while left > 0 {
+            let chunk = left.min(buf.len() as u64) as usize;
+            self.fill(&mut buf[..chunk])?;
+            left -= chunk as u64;
+        }
+        Ok(())
     }
 
     fn string(&mut self) -> Result<Vec<u8>, GgufError> {
-        let n = self.count("string")? as usize;
-        let mut buf = Vec::new();
-        let got = (&mut self.inner)
-            .take(n as u64)
-            .read_to_end(&mut buf)
-            .map_err(|e| GgufError::Io(e.to_string()))?;
-        if got != n {
-            return Err(GgufError::Format(format!("string truncated at byte {}", self.offset)));
-        }
-        self.offset += n as u64;
+        let n = self.count("string", 1)?;
+        // `count` checked that the file holds these n bytes.
+        let mut buf = vec![0u8; n as usize];
+        self.fill(&mut buf)?;
         Ok(buf)
     }
 
-    fn value(&mut self, ty: u32) -> Result<GgufValue, GgufError> {
-        Ok(match ty {
-            0 => GgufValue::U8(u8::from_le_bytes(self.bytes()?)),
-            1 => GgufValue::I8(i8::from_le_bytes(self.bytes()?)),
-            2 => GgufValue::U16(u16::from_le_bytes(self.bytes()?)),
-            3 => GgufValue::I16(i16::from_le_bytes(self.bytes()?)),
-            4 => GgufValue::U32(self.u32()?),
-            5 => GgufValue::I32(i32::from_le_bytes(self.bytes()?)),
-            6 => GgufValue::F32(f32::from_le_bytes(self.bytes()?)),
-            7 => GgufValue::Bool(self.bytes::<1>()?[0] != 0),
-            8 => GgufValue::Str(self.string()?),
-            9 => {
-                let item_ty = self.u32()?;
-                let n = self.count("array")?;
-                let mut items = Vec::with_capacity(n.min(1 << 20) as usize);
-                for _ in 0..n {
-                    items.push(self.value(item_ty)?);
+    fn unknown_type(&self, ty: u32) -> GgufError {
+        GgufError::Format(format!("unknown value type {ty} before byte {}", self.offset))
+    }
+
+    /// An array header: its item type (of a known size) and its count.
+    fn array_header(&mut self) -> Result<(u32, u64), GgufError> {
+        let item = self.u32()?;
+        let size = min_size(item).ok_or_else(|| self.unknown_type(item))?;
+        Ok((item, self.count("array", size)?))
+    }
+
+    /// Pass over one value of type `ty`, walking nested arrays with an explicit stack.
+    fn skip_value(&mut self, ty: u32) -> Result<(), GgufError> {
+        // (item type, items left) of each array being walked, outermost first.
+        let mut open: Vec<(u32, u64)> = Vec::new();
+        let mut ty = ty;
+        loop {
+            match ty {
+                TYPE_STRING => {
+                    let n = self.count("string", 1)?;
+                    self.skip(n)?;
                 }
-                GgufValue::Array(items)
+                TYPE_ARRAY => {
+                    if open.len() >= MAX_DEPTH {
+                        return Err(GgufError::Format(format!(
+                            "arrays nested more than {MAX_DEPTH} deep at byte {}",
+                            self.offset
+                        )));
+                    }
+                    let (item, n) = self.array_header()?;
+                    match fixed_size(item) {
+                        // `array_header` checked that n * size bytes are left.
+                        Some(size) => self.skip(n * size)?,
+                        None => open.push((item, n)),
+                    }
+                }
+                other => self.skip(fixed_size(other).ok_or_else(|| self.unknown_type(other))?)?,
             }
-            10 => GgufValue::U64(self.u64()?),
-            11 => GgufValue::I64(i64::from_le_bytes(self.bytes()?)),
-            12 => GgufValue::F64(f64::from_le_bytes(self.bytes()?)),
-            other => {
-                return Err(GgufError::Format(format!(
-                    "unknown value type {other} at byte {}",
-                    self.offset - 4
-                )))
+            loop {
+                match open.last_mut() {
+                    None => return Ok(()),
+                    Some((_, 0)) => {
+                        open.pop();
+                    }
+                    Some((item, left)) => {
+                        *left -= 1;
+                        ty = *item;
+                        break;
+                    }
+                }
             }
+        }
+    }
+
+    fn integer(&mut self, ty: u32) -> Result<Option<i64>, GgufError> {
+        Ok(match ty {
+            0 => Some(u8::from_le_bytes(self.bytes()?).into()),
+            1 => Some(i8::from_le_bytes(self.bytes()?).into()),
+            2 => Some(u16::from_le_bytes(self.bytes()?).into()),
+            3 => Some(i16::from_le_bytes(self.bytes()?).into()),
+            4 => Some(u32::from_le_bytes(self.bytes()?).into()),
+            5 => Some(i32::from_le_bytes(self.bytes()?).into()),
+            10 => i64::try_from(u64::from_le_bytes(self.bytes()?)).ok(),
+            11 => Some(i64::from_le_bytes(self.bytes()?)),
+            _ => None,
         })
     }
-}
 
-impl GgufMetadata {
-    /// Read the metadata of the GGUF file at `path`.
-    pub fn read(path: &Path) -> Result<GgufMetadata, GgufError> {
-        let file = File::open(path).map_err(|e| GgufError::Io(format!("cannot open {}: {e}", path.display())))?;
-        Self::from_reader(BufReader::with_capacity(1 << 20, file))
-            .map_err(|e| GgufError::Format(format!("{}: {e}", path.display())))
+    fn expect_array(&mut self, key: &str, ty: u32) -> Result<(u32, u64), GgufError> {
+        if ty != TYPE_ARRAY {
+            return Err(GgufError::Format(format!("{key:?} is not an array (type {ty})")));
+        }
+        self.array_header()
     }
 
-    /// Read GGUF metadata from the start of a stream.
-    pub fn from_reader<R: Read>(inner: R) -> Result<GgufMetadata, GgufError> {
-        let mut r = Reader { inner, offset: 0 };
-        if &r.bytes::<4>()? != b"GGUF" {
-            return Err(GgufError::Format("not a GGUF file (bad magic)".into()));
+    fn string_array(&mut self, key: &str, ty: u32) -> Result<Vec<Vec<u8>>, GgufError> {
+        let (item, n) = self.expect_array(key, ty)?;
+        if item != TYPE_STRING {
+            return Err(GgufError::Format(format!("{key:?} holds type {item}, not strings")));
         }
-        let version = r.u32()?;
-        if !(2..=3).contains(&version) {
-            return Err(GgufError::Format(format!("unsupported GGUF version {version}")));
-        }
-        let _tensor_count = r.u64()?;
-        let n = r.count("metadata")?;
-        let mut kv = Vec::with_capacity(n.min(1 << 16) as usize);
+        let mut out = Vec::with_capacity(n.min(RESERVE_CAP) as usize);
         for _ in 0..n {
-            let key = String::from_utf8_lossy(&r.string()?).into_owned();
-            let ty = r.u32()?;
-            let value = r.value(ty).map_err(|e| GgufError::Format(format!("key {key:?}: {e}")))?;
-            kv.push((key, value));
+            out.push(self.string()?);
         }
-        Ok(GgufMetadata { version, kv })
+        Ok(out)
     }
 
-    pub fn get(&self, key: &str) -> Option<&GgufValue> {
-        self.kv.iter().find(|(k, _)| k == key).map(|(_, v)| v)
+    fn int_array(&mut self, key: &str, ty: u32) -> Result<Vec<i32>, GgufError> {
+        let (item, n) = self.expect_array(key, ty)?;
+        let mut out = Vec::with_capacity(n.min(RESERVE_CAP) as usize);
+        for i in 0..n {
+            let value = match self.integer(item)? {
+                Some(v) => i32::try_from(v).ok(),
+                None if fixed_size(item).is_some() => None,
+                None => return Err(GgufError::Format(format!("{key:?} holds type {item}, not integers"))),
+            };
+            out.push(value.ok_or_else(|| GgufError::Format(format!("{key:?} item {i} is not a 32-bit integer")))?);
+        }
+        Ok(out)
     }
-}
-
-/// The tokenizer part of a GGUF file's metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub struct GgufTokenizer {
-    /// `tokenizer.ggml.model`, e.g. "gpt2", "llama", "bert", "t5".
-    pub model: String,
-    /// `tokenizer.ggml.tokens`: the stored piece of every id.
-    pub tokens: Vec<Vec<u8>>,
-    /// `tokenizer.ggml.token_type` (llama.cpp's token types), when present.
-    pub token_types: Option<Vec<i32>>,
 }
 
 /// Read the tokenizer metadata of the GGUF file at `path`.
 pub fn read_tokenizer(path: &Path) -> Result<GgufTokenizer, GgufError> {
-    let meta = GgufMetadata::read(path)?;
-    tokenizer_of(&meta).map_err(|m| GgufError::Format(format!("{}: {m}", path.display())))
+    let file = File::open(path).map_err(|e| GgufError::Io(format!("cannot open {}: {e}", path.display())))?;
+    tokenizer_from_reader(BufReader::with_capacity(1 << 20, file))
+        .map_err(|e| GgufError::Format(format!("{}: {e}", path.display())))
 }
 
-fn tokenizer_of(meta: &GgufMetadata) -> Result<GgufTokenizer, String> {
-    let model = match meta.get("tokenizer.ggml.model") {
-        Some(GgufValue::Str(s)) => String::from_utf8_lossy(s).into_owned(),
-        _ => return Err("no string \"tokenizer.ggml.model\"".into()),
-    };
-    let tokens = match meta.get("tokenizer.ggml.tokens") {
-        Some(GgufValue::Array(items)) => items
-            .iter()
-            .map(|v| match v {
-                GgufValue::Str(s) => Ok(s.clone()),
-                _ => Err("\"tokenizer.ggml.tokens\" holds a non-string".to_string()),
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-        _ => return Err("no array \"tokenizer.ggml.tokens\"".into()),
-    };
-    let token_types = match meta.get("tokenizer.ggml.token_type") {
-        Some(GgufValue::Array(items)) => Some(
-            items
-                .iter()
-                .map(|v| v.as_int().and_then(|i| i32::try_from(i).ok()))
-                .collect::<Option<Vec<_>>>()
-                .ok_or("\"tokenizer.ggml.token_type\" holds a non-integer")?,
-        ),
-        Some(_) => return Err("\"tokenizer.ggml.token_type\" is not an array".into()),
-        None => None,
-    };
-    Ok(GgufTokenizer { model, tokens, token_types })
+/// Read the tokenizer metadata from a GGUF stream (positioned anywhere; it is read from its start).
+pub fn tokenizer_from_reader<R: Read + Seek>(mut inner: R) -> Result<GgufTokenizer, GgufError> {
+    let io = |e: std::io::Error| GgufError::Io(e.to_string());
+    let len = inner.seek(SeekFrom::End(0)).map_err(io)?;
+    inner.seek(SeekFrom::Start(0)).map_err(io)?;
+    let mut r = Reader { inner, offset: 0, len };
+    if &r.bytes::<4>()? != b"GGUF" {
+        return Err(GgufError::Format("not a GGUF file (bad magic)".into()));
+    }
+    let version = r.u32()?;
+    if !(2..=3).contains(&version) {
+        return Err(GgufError::Format(format!("unsupported GGUF version {version}")));
+    }
+    let _tensor_count = r.u64()?;
+    // A key/value pair is at least a key length, a type and a one-byte value.
+    let n = r.count("metadata", 8 + 4 + 1)?;
+    let (mut model, mut tokens, mut token_types) = (None, None, None);
+    for _ in 0..n {
+        let key = String::from_utf8_lossy(&r.string()?).into_owned();
+        let ty = r.u32()?;
+        let duplicate = |key: &str| GgufError::Format(format!("duplicate key {key:?}"));
+        let mut read = |r: &mut Reader<R>| -> Result<(), GgufError> {
+            match key.as_str() {
+                "tokenizer.ggml.model" if model.is_some() => Err(duplicate(&key)),
+                "tokenizer.ggml.model" => {
+                    if ty != TYPE_STRING {
+                        return Err(GgufError::Format(format!("{key:?} is not a string (type {ty})")));
+                    }
+                    model = Some(String::from_utf8_lossy(&r.string()?).into_owned());
+                    Ok(())
+                }
+                "tokenizer.ggml.tokens" if tokens.is_some() => Err(duplicate(&key)),
+                "tokenizer.ggml.tokens" => {
+                    tokens = Some(r.string_array(&key, ty)?);
+                    Ok(())
+                }
+                "tokenizer.ggml.token_type" if token_types.is_some() => Err(duplicate(&key)),
+                "tokenizer.ggml.token_type" => {
+                    token_types = Some(r.int_array(&key, ty)?);
+                    Ok(())
+                }
+                _ => r.skip_value(ty),
+            }
+        };
+        read(&mut r).map_err(|e| GgufError::Format(format!("key {key:?}: {e}")))?;
+    }
+    Ok(GgufTokenizer {
+        model: model.ok_or_else(|| GgufError::Format("no string \"tokenizer.ggml.model\"".into()))?,
+        tokens: tokens.ok_or_else(|| GgufError::Format("no array \"tokenizer.ggml.tokens\"".into()))?,
+        token_types,
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io::Cursor;
 
     fn gguf_string(s: &[u8]) -> Vec<u8> {
         [&(s.len() as u64).to_le_bytes()[..], s].concat()
@@ -258,59 +343,125 @@ mod tests {
         v
     }
 
-    #[test]
-    fn reads_every_value_type_and_the_tokenizer() {
+    fn tokenizer_kvs() -> Vec<(&'static str, u32, Vec<u8>)> {
         let mut types = 5u32.to_le_bytes().to_vec();
         types.extend(2u64.to_le_bytes());
         types.extend(1i32.to_le_bytes());
         types.extend(6i32.to_le_bytes());
-        let mut nested = 9u32.to_le_bytes().to_vec();
-        nested.extend(1u64.to_le_bytes());
-        nested.extend(0u32.to_le_bytes());
-        nested.extend(1u64.to_le_bytes());
-        nested.push(7);
-        let bytes = file(&[
+        vec![
+            ("tokenizer.ggml.model", 8, gguf_string(b"llama")),
+            ("tokenizer.ggml.tokens", 9, str_array(&[b"\xe2\x96\x81a", b"<0x0A>"])),
+            ("tokenizer.ggml.token_type", 9, types),
+        ]
+    }
+
+    fn read(bytes: &[u8]) -> Result<GgufTokenizer, GgufError> {
+        tokenizer_from_reader(Cursor::new(bytes))
+    }
+
+    fn err(bytes: &[u8]) -> String {
+        read(bytes).unwrap_err().to_string()
+    }
+
+    /// `depth` arrays, each holding the next as its single item, around one u8.
+    fn nested(depth: usize, count: u64) -> Vec<u8> {
+        let mut v = Vec::new();
+        for _ in 0..depth {
+            v.extend(9u32.to_le_bytes());
+            v.extend(count.to_le_bytes());
+        }
+        v.extend(0u32.to_le_bytes());
+        v.extend(1u64.to_le_bytes());
+        v.push(7);
+        v
+    }
+
+    #[test]
+    fn skips_every_value_type_and_reads_the_tokenizer() {
+        let mut kvs = vec![
             ("a.u8", 0, vec![200]),
             ("a.i8", 1, vec![0xff]),
             ("a.u16", 2, 7u16.to_le_bytes().to_vec()),
             ("a.i16", 3, (-7i16).to_le_bytes().to_vec()),
+            ("a.u32", 4, 7u32.to_le_bytes().to_vec()),
+            ("a.i32", 5, 7i32.to_le_bytes().to_vec()),
             ("a.f32", 6, 1.5f32.to_le_bytes().to_vec()),
             ("a.bool", 7, vec![1]),
+            ("a.str", 8, gguf_string(b"text")),
             ("a.u64", 10, 9u64.to_le_bytes().to_vec()),
             ("a.i64", 11, (-9i64).to_le_bytes().to_vec()),
             ("a.f64", 12, 2.5f64.to_le_bytes().to_vec()),
-            ("a.nested", 9, nested),
-            ("tokenizer.ggml.model", 8, gguf_string(b"llama")),
-            ("tokenizer.ggml.tokens", 9, str_array(&[b"\xe2\x96\x81a", b"<0x0A>"])),
-            ("tokenizer.ggml.token_type", 9, types),
-        ]);
-        let meta = GgufMetadata::from_reader(&bytes[..]).unwrap();
-        assert_eq!(meta.version, 3);
-        assert_eq!(meta.get("a.u8"), Some(&GgufValue::U8(200)));
-        assert_eq!(meta.get("a.i8"), Some(&GgufValue::I8(-1)));
-        assert_eq!(meta.get("a.i16"), Some(&GgufValue::I16(-7)));
-        assert_eq!(meta.get("a.f64"), Some(&GgufValue::F64(2.5)));
-        assert_eq!(meta.get("a.nested"), Some(&GgufValue::Array(vec![GgufValue::Array(vec![GgufValue::U8(7)])])));
-        let tok = tokenizer_of(&meta).unwrap();
+            ("a.nested", 9, nested(3, 1)),
+            ("a.strs", 9, str_array(&[b"x", b"yz"])),
+            ("a.empty", 9, nested(1, 0)[..12].to_vec()),
+        ];
+        kvs.extend(tokenizer_kvs());
+        let tok = read(&file(&kvs)).unwrap();
         assert_eq!(tok.model, "llama");
         assert_eq!(tok.tokens, vec![b"\xe2\x96\x81a".to_vec(), b"<0x0A>".to_vec()]);
         assert_eq!(tok.token_types, Some(vec![1, 6]));
+        // Whatever the skipped values were, the tokenizer after them reads the same.
+        assert_eq!(read(&file(&tokenizer_kvs())).unwrap(), tok);
     }
 
     #[test]
     fn rejects_corrupt_files() {
-        let err = |b: &[u8]| GgufMetadata::from_reader(b).unwrap_err().to_string();
         assert!(err(b"GGML\x03\0\0\0").contains("magic"));
         let mut v1 = b"GGUF".to_vec();
         v1.extend(1u32.to_le_bytes());
         assert!(err(&v1).contains("version 1"));
         let good = file(&[("k", 8, gguf_string(b"value"))]);
-        assert!(err(&good[..good.len() - 2]).contains("truncated"));
+        assert!(err(&good[..good.len() - 2]).contains("claims 5 items of at least 1 bytes, but the file has 3 bytes left"));
+        let int = file(&[("k", 10, 9u64.to_le_bytes().to_vec())]);
+        assert!(err(&int[..int.len() - 1]).contains("needs 8 bytes but the file has 7 left"));
         let huge = file(&[("k", 8, u64::MAX.to_le_bytes().to_vec())]);
-        assert!(err(&huge).contains("implausible"));
+        assert!(err(&huge).contains("claims 18446744073709551615 items"), "{}", err(&huge));
         let unknown = file(&[("k", 99, vec![])]);
         assert!(err(&unknown).contains("unknown value type 99"));
-        let meta = GgufMetadata::from_reader(&file(&[])[..]).unwrap();
-        assert!(tokenizer_of(&meta).unwrap_err().contains("tokenizer.ggml.model"));
+        assert!(err(&file(&[])).contains("tokenizer.ggml.model"));
+        let mut twice = tokenizer_kvs();
+        twice.push(tokenizer_kvs().remove(1));
+        assert!(err(&file(&twice)).contains("duplicate key \"tokenizer.ggml.tokens\""));
+        let mut wrong = tokenizer_kvs();
+        wrong[2] = ("tokenizer.ggml.token_type", 9, str_array(&[b"1"]));
+        assert!(err(&file(&wrong)).contains("not integers"));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        // 50,000 levels overflowed the stack of the recursive reader (SIGSEGV).
+        let deep = file(&[("k", 9, nested(50_000, 1))]);
+        assert!(err(&deep).contains(&format!("nested more than {MAX_DEPTH} deep")), "{}", err(&deep));
+        assert!(err(&file(&[("k", 9, nested(MAX_DEPTH, 1))])).contains("nested more than"));
+        // MAX_DEPTH arrays in all (the innermost holds a u8) are read.
+        let mut kvs = vec![("k", 9, nested(MAX_DEPTH - 1, 1))];
+        kvs.extend(tokenizer_kvs());
+        assert_eq!(read(&file(&kvs)).unwrap().tokens.len(), 2);
+    }
+
+    #[test]
+    fn counts_beyond_the_file_are_refused_before_allocating() {
+        // 130 levels claiming 2^20 items each reserved ~32 MB a level (OOM under a 4 GB limit).
+        let wide = file(&[("k", 9, nested(130, 1 << 20))]);
+        assert!(err(&wide).contains("claims 1048576 items of at least 12 bytes"), "{}", err(&wide));
+        let mut tokens = 8u32.to_le_bytes().to_vec();
+        tokens.extend((1u64 << 40).to_le_bytes());
+        let claim = file(&[("tokenizer.ggml.tokens", 9, tokens)]);
+        assert!(err(&claim).contains("claims 1099511627776 items of at least 8 bytes"), "{}", err(&claim));
+        let mut metadata = file(&[]);
+        metadata[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
+        assert!(err(&metadata).contains("metadata at byte 16 claims"), "{}", err(&metadata));
+    }
+
+    #[test]
+    fn a_large_skipped_array_is_walked_not_kept() {
+        // 8 MB of u8 items: read through in fixed chunks (it used to be kept at 32 bytes an item).
+        let n = 8u64 << 20;
+        let mut big = 0u32.to_le_bytes().to_vec();
+        big.extend(n.to_le_bytes());
+        big.resize(big.len() + n as usize, 1);
+        let mut kvs = vec![("big", 9, big)];
+        kvs.extend(tokenizer_kvs());
+        assert_eq!(read(&file(&kvs)).unwrap().tokens.len(), 2);
     }
 }

@@ -6,10 +6,11 @@
 //! converter so that a word-initial piece starts with `▁` and a continuation has
 //! no `##`. The token type says which ids are text as written.
 
+use std::io::{Read, Seek};
 use std::path::Path;
 
 use super::decoder::{self, Decoder, Step};
-use super::gguf::read_tokenizer;
+use super::gguf::{read_tokenizer, tokenizer_from_reader, GgufTokenizer};
 use super::{PieceKind, RawVocab, VocabError};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
@@ -20,13 +21,22 @@ const BYTE: i32 = 6;
 /// Read the vocabulary of the GGUF file at `path`.
 pub fn read(path: &Path) -> Result<RawVocab, VocabError> {
     let tok = read_tokenizer(path).map_err(|e| VocabError::Format(e.to_string()))?;
+    vocab_of(tok, &path.display().to_string())
+}
+
+/// Read the vocabulary of a GGUF stream; `source` names it in errors.
+pub fn read_from<R: Read + Seek>(stream: R, source: &str) -> Result<RawVocab, VocabError> {
+    let tok = tokenizer_from_reader(stream).map_err(|e| VocabError::Format(format!("{source}: {e}")))?;
+    vocab_of(tok, source)
+}
+
+fn vocab_of(tok: GgufTokenizer, source: &str) -> Result<RawVocab, VocabError> {
     let (decoder, user_defined) = match tok.model.as_str() {
         "gpt2" => (Decoder::new(vec![Step::ByteLevel]), PieceKind::Verbatim),
         "llama" | "t5" | "bert" | "gemma4" => (decoder::sentencepiece(), PieceKind::Decoded),
         other => {
             return Err(VocabError::Unsupported(format!(
-                "GGUF tokenizer model {other:?} in {}",
-                path.display()
+                "GGUF tokenizer model {other:?} in {source}"
             )))
         }
     };

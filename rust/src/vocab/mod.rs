@@ -54,6 +54,9 @@ pub struct RawVocab {
     pub decoder: Decoder,
 }
 
+/// How many unused ids a vocabulary may leave beyond one per entry (see [`RawVocab::from_ids`]).
+pub const SPARE_IDS: u64 = 1024;
+
 /// What to show for a token whose bytes are not valid UTF-8.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StrFallback {
@@ -77,12 +80,30 @@ impl StrFallback {
 }
 
 impl RawVocab {
-    /// Set id `id`'s piece, growing the table as needed.
-    pub fn set(&mut self, id: usize, piece: Vec<u8>, kind: PieceKind) {
-        if id >= self.pieces.len() {
-            self.pieces.resize(id + 1, None);
+    /// The vocabulary of `(id, piece, kind)` entries; a later entry for an id
+    /// replaces an earlier one, and ids no entry names are unused.
+    ///
+    /// Ids come from files, so they are bounded by the entries actually present
+    /// before any table is sized from them: a vocabulary may leave unused ids
+    /// (some tokenizers number their added tokens past gaps), but no more of them
+    /// than it has entries, plus [`SPARE_IDS`]. A larger id is an error naming it.
+    pub fn from_ids(entries: Vec<(u64, Vec<u8>, PieceKind)>, decoder: Decoder) -> Result<RawVocab, VocabError> {
+        let limit = (entries.len() as u64).saturating_mul(2).saturating_add(SPARE_IDS);
+        let size = match entries.iter().map(|e| e.0).max() {
+            Some(id) if id >= limit => {
+                return Err(VocabError::Format(format!(
+                    "token id {id} is out of range: {} tokens allow ids below {limit}",
+                    entries.len()
+                )))
+            }
+            Some(id) => id as usize + 1,
+            None => 0,
+        };
+        let mut pieces = vec![None; size];
+        for (id, piece, kind) in entries {
+            pieces[id as usize] = Some((piece, kind));
         }
-        self.pieces[id] = Some((piece, kind));
+        Ok(RawVocab { pieces, decoder })
     }
 
     /// The bytes of every id; an unused id has no bytes.
@@ -127,10 +148,12 @@ mod tests {
 
     #[test]
     fn holes_verbatim_and_strings() {
-        let mut raw = RawVocab { decoder: decoder::sentencepiece(), ..Default::default() };
-        raw.set(0, b"<s>".to_vec(), PieceKind::Verbatim);
-        raw.set(2, "▁hi".as_bytes().to_vec(), PieceKind::Decoded);
-        raw.set(3, b"<0xE9>".to_vec(), PieceKind::Decoded);
+        let entries = vec![
+            (3, b"<0xE9>".to_vec(), PieceKind::Decoded),
+            (0, b"<s>".to_vec(), PieceKind::Verbatim),
+            (2, "▁hi".as_bytes().to_vec(), PieceKind::Decoded),
+        ];
+        let raw = RawVocab::from_ids(entries, decoder::sentencepiece()).unwrap();
         let bytes = raw.decode().unwrap();
         assert_eq!(bytes, vec![b"<s>".to_vec(), vec![], b" hi".to_vec(), vec![0xE9]]);
         let s = raw.strings(&bytes, StrFallback::Tokenizer);
@@ -141,10 +164,21 @@ mod tests {
 
     #[test]
     fn undecodable_names_the_token() {
-        let mut raw = RawVocab { decoder: Decoder::new(vec![Step::ByteLevel]), ..Default::default() };
-        raw.set(0, b"a".to_vec(), PieceKind::Decoded);
-        raw.set(1, vec![0xff], PieceKind::Decoded);
+        let entries = vec![(0, b"a".to_vec(), PieceKind::Decoded), (1, vec![0xff], PieceKind::Decoded)];
+        let raw = RawVocab::from_ids(entries, Decoder::new(vec![Step::ByteLevel])).unwrap();
         let err = raw.decode().unwrap_err();
         assert!(err.to_string().contains("token 1"), "{err}");
+    }
+
+    #[test]
+    fn ids_are_bounded_by_the_entries_present() {
+        let one = |id: u64| RawVocab::from_ids(vec![(id, b"a".to_vec(), PieceKind::Verbatim)], Decoder::default());
+        // A sparse id within the allowance keeps working, its gap unused.
+        assert_eq!(one(2 + SPARE_IDS - 1).unwrap().pieces.len(), (2 + SPARE_IDS) as usize);
+        for id in [2 + SPARE_IDS, 100_000_000_000, 1 << 62, u64::MAX] {
+            let err = one(id).unwrap_err().to_string();
+            assert!(err.contains(&format!("token id {id} is out of range")), "{err}");
+        }
+        assert!(RawVocab::from_ids(vec![], Decoder::default()).unwrap().pieces.is_empty());
     }
 }

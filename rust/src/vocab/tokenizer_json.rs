@@ -32,7 +32,7 @@ struct Model {
 
 #[derive(Deserialize)]
 struct AddedToken {
-    id: usize,
+    id: u64,
     content: String,
 }
 
@@ -40,18 +40,17 @@ struct AddedToken {
 pub fn read(text: &str) -> Result<RawVocab, VocabError> {
     let file: TokenizerFile =
         serde_json::from_str(text).map_err(|e| VocabError::Format(format!("invalid JSON: {e}")))?;
-    let mut raw = RawVocab { decoder: decoder_of(&file.decoder, &file.pre_tokenizer)?, ..Default::default() };
-    read_model_vocab(file.model, &mut raw)?;
-    for token in file.added_tokens {
-        raw.set(token.id, token.content.into_bytes(), PieceKind::Verbatim);
-    }
-    Ok(raw)
+    let decoder = decoder_of(&file.decoder, &file.pre_tokenizer)?;
+    let mut entries = model_entries(file.model)?;
+    entries.extend(file.added_tokens.into_iter().map(|t| (t.id, t.content.into_bytes(), PieceKind::Verbatim)));
+    RawVocab::from_ids(entries, decoder)
 }
 
-/// A model's vocabulary, read straight into pieces by id: a `{piece: id}` map
-/// (BPE, WordPiece, WordLevel) or a `[[piece, score], ...]` list (Unigram).
+/// A model's vocabulary as `(id, piece)` pairs in file order: a `{piece: id}`
+/// map (BPE, WordPiece, WordLevel) or a `[[piece, score], ...]` list (Unigram).
+/// No table is sized from an id here: see [`RawVocab::from_ids`].
 struct Pieces {
-    by_id: Vec<Option<Vec<u8>>>,
+    entries: Vec<(u64, Vec<u8>)>,
     is_list: bool,
 }
 
@@ -66,22 +65,19 @@ impl<'de> Deserialize<'de> for Pieces {
             }
 
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Pieces, A::Error> {
-                let mut by_id = Vec::with_capacity(map.size_hint().unwrap_or(0));
-                while let Some((piece, id)) = map.next_entry::<String, usize>()? {
-                    if id >= by_id.len() {
-                        by_id.resize(id + 1, None);
-                    }
-                    by_id[id] = Some(piece.into_bytes());
+                let mut entries = Vec::with_capacity(map.size_hint().unwrap_or(0));
+                while let Some((piece, id)) = map.next_entry::<String, u64>()? {
+                    entries.push((id, piece.into_bytes()));
                 }
-                Ok(Pieces { by_id, is_list: false })
+                Ok(Pieces { entries, is_list: false })
             }
 
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Pieces, A::Error> {
-                let mut by_id = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+                let mut entries = Vec::with_capacity(seq.size_hint().unwrap_or(0));
                 while let Some((piece, _score)) = seq.next_element::<(String, IgnoredAny)>()? {
-                    by_id.push(Some(piece.into_bytes()));
+                    entries.push((entries.len() as u64, piece.into_bytes()));
                 }
-                Ok(Pieces { by_id, is_list: true })
+                Ok(Pieces { entries, is_list: true })
             }
         }
         d.deserialize_any(Visit)
@@ -101,13 +97,12 @@ fn model_type(model: &Model) -> &str {
     }
 }
 
-fn read_model_vocab(model: Model, raw: &mut RawVocab) -> Result<(), VocabError> {
+fn model_entries(model: Model) -> Result<Vec<(u64, Vec<u8>, PieceKind)>, VocabError> {
     let kind = model_type(&model).to_owned();
     let pieces = model.vocab.ok_or_else(|| VocabError::Format(format!("{kind} model has no vocab")))?;
     match (kind.as_str(), pieces.is_list) {
         ("BPE" | "WordPiece" | "WordLevel", false) | ("Unigram", true) => {
-            raw.pieces = pieces.by_id.into_iter().map(|p| p.map(|p| (p, PieceKind::Decoded))).collect();
-            Ok(())
+            Ok(pieces.entries.into_iter().map(|(id, p)| (id, p, PieceKind::Decoded)).collect())
         }
         _ => Err(VocabError::Unsupported(format!("model type {kind:?} with this vocab layout"))),
     }
@@ -222,5 +217,28 @@ mod tests {
             "decoder": {"type": "Replace", "pattern": {"Regex": "x+"}, "content": ""}}"#;
         assert!(read(json).unwrap_err().to_string().contains("Regex"));
         assert!(read("{").unwrap_err().to_string().contains("invalid JSON"));
+    }
+
+    #[test]
+    fn ids_from_the_file_are_bounded_before_any_table_is_sized() {
+        // A 70-byte file with id 1e11 aborted the process; 2^62 and 2^64-1 panicked.
+        for id in [100_000_000_000u64, 1 << 62, u64::MAX] {
+            let json = format!(r#"{{"model": {{"type": "WordLevel", "vocab": {{"a": {id}}}}}}}"#);
+            let err = read(&json).unwrap_err().to_string();
+            assert!(err.contains(&format!("token id {id} is out of range")), "{err}");
+            let json = format!(
+                r#"{{"model": {{"type": "WordLevel", "vocab": {{"a": 0}}}}, "added_tokens": [{{"id": {id}, "content": "x"}}]}}"#
+            );
+            assert!(read(&json).unwrap_err().to_string().contains(&id.to_string()));
+        }
+    }
+
+    #[test]
+    fn sparse_added_token_ids_keep_working() {
+        // As in tiktoken-style vocabularies: added tokens numbered past a gap.
+        let json = r#"{"model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
+            "added_tokens": [{"id": 5, "content": "<|x|>"}, {"id": 3, "content": "<|y|>"}]}"#;
+        let bytes = read(json).unwrap().decode().unwrap();
+        assert_eq!(bytes, vec![b"a".to_vec(), b"b".to_vec(), vec![], b"<|y|>".to_vec(), vec![], b"<|x|>".to_vec()]);
     }
 }
