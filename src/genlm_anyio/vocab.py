@@ -19,6 +19,7 @@ __all__ = [
     "Token",
     "byte_vocab_from_gguf",
     "byte_vocab_from_tokenizer_json",
+    "bytes_to_strs",
     "decode_vocab",
     "get_byte_vocab",
 ]
@@ -220,6 +221,24 @@ def decode_vocab(tokenizer: Any, byte2str_fallback: str = "tokenizer") -> tuple[
         byte_strings.extend([b""] * missing)
         strings.extend([""] * missing)
     return tokens_from_bytes(byte_strings), strings
+
+
+def bytes_to_strs(tokenizer: Any, byte_vocab: Sequence[bytes], byte2str_fallback: str = "tokenizer") -> list[str]:
+    """A string form of each token's bytes: UTF-8 where they decode, else per
+    ``byte2str_fallback`` (as in :func:`decode_vocab`, which computes both at once)."""
+    _check_fallback(byte2str_fallback)
+    out = []
+    for token_id, raw in enumerate(byte_vocab):
+        try:
+            out.append(bytes(raw).decode("utf-8"))
+        except UnicodeDecodeError:
+            if byte2str_fallback == "latin1":
+                out.append(bytes(raw).decode("latin1"))
+            elif byte2str_fallback == "replace":
+                out.append(bytes(raw).decode("utf-8", errors="replace"))
+            else:
+                out.append(tokenizer.convert_ids_to_tokens(token_id))
+    return out
 
 
 def byte_vocab_from_tokenizer_json(text: str) -> list[bytes]:

@@ -42,7 +42,6 @@ _PREFIX = "genlm.backend"
 # genlm-backend modules whose genlm-anyio counterpart has another path; every
 # other ``genlm.backend.X`` is ``genlm_anyio.X``.
 _RENAMED = {
-    "genlm.backend.llm.base": "genlm_anyio.backends.base",
     "genlm.backend.llm.hf": "genlm_anyio.backends.hf",
     "genlm.backend.llm.vllm": "genlm_anyio.backends.vllm",
     "genlm.backend.llm.mlx": "genlm_anyio.backends.mlx",

@@ -7,11 +7,22 @@ tokenizer.
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 from ..vocab import ByteVocabError, get_byte_vocab
 
-__all__ = ["ByteDecoderError", "ByteVocabError", "check_byte_decoder", "get_byte_vocab"]
+__all__ = [
+    "ByteDecoderError",
+    "ByteVocabError",
+    "check_byte_decoder",
+    "get_byte_tokens_from_byte_decoder",
+    "get_byte_tokens_from_sp",
+    "get_byte_vocab",
+]
+
+_SP_SPACE = "\u2581"
+_SP_BYTE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
 
 # Characters from several scripts and planes, some of which byte-level BPE
 # vocabularies split across tokens.
@@ -52,3 +63,40 @@ def check_byte_decoder(tokenizer: Any, byte_decoder: Mapping[str, int]) -> None:
         raise ByteDecoderError(
             f"the byte decoder turns the pieces of {_ROUND_TRIP_TEXT!r} into {decoded!r}, not its UTF-8 bytes"
         )
+
+
+def _added_ids(tokenizer: Any) -> dict[int, str]:
+    return {token_id: text for text, token_id in tokenizer.get_added_vocab().items()}
+
+
+def get_byte_tokens_from_byte_decoder(tokenizer: Any, byte_decoder: Mapping[str, int]) -> list[bytes]:
+    """The bytes of every token id, reading each piece through ``byte_decoder``
+    (piece character -> byte); added tokens are their text in UTF-8.
+
+    :func:`get_byte_vocab` needs no table; this is for a table of one's own.
+    """
+    added = _added_ids(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [
+        added[i].encode() if i in added else bytes(byte_decoder[c] for c in piece)
+        for i, piece in enumerate(pieces)
+    ]
+
+
+def _sp_piece_bytes(piece: str) -> bytes:
+    # split() with one group alternates text and the hex digits of <0xXX> escapes.
+    out = bytearray()
+    for k, part in enumerate(_SP_BYTE.split(piece)):
+        if k % 2:
+            out.append(int(part, 16))
+        else:
+            out += part.replace(_SP_SPACE, " ").encode()
+    return bytes(out)
+
+
+def get_byte_tokens_from_sp(tokenizer: Any) -> list[bytes]:
+    """The bytes of every token id of a SentencePiece vocabulary read piece by piece:
+    ``<0xXX>`` is that byte, ``\u2581`` a space; added tokens are their text in UTF-8."""
+    added = _added_ids(tokenizer)
+    pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return [added[i].encode() if i in added else _sp_piece_bytes(piece) for i, piece in enumerate(pieces)]
