@@ -241,8 +241,38 @@ def test_load_model_by_name_backends():
         assert not torch.equal(a, mock.next_token_logprobs_sync([1, 2, 4]))
     with pytest.raises(ValueError, match="backend"):
         load_model_by_name(path, backend="tpu")
+    for name in ("mlx", "sgl"):
+        with pytest.raises(NotImplementedError, match=f"'{name}'.*not available"):
+            load_model_by_name(path, backend=name)
     with pytest.raises(TypeError, match="name"):
         load_model_by_name(None)
+
+
+def test_genlm_backend_arguments_batch_size_timeout_and_clear_kv_cache(hf_parts):
+    model, tok = hf_parts
+    # genlm-backend's positional order: (hf_model, hf_tokenizer, batch_size, timeout).
+    with AsyncTransformer(model, tok, 10, 0.5) as lm:
+        assert lm.batch_size == 10 and lm.timeout == 0.5
+        lm.batch_size = 2
+        lm.batch_next_token_logprobs_sync([[1], [2], [3], [4], [5]])
+        assert lm.batch_stats.largest_batch == 2 and lm.batch_stats.batches == 3
+        with pytest.raises(ValueError, match="batch_size"):
+            lm.batch_size = 0
+        # clear_kv_cache drops keys and values only: the output cache still answers.
+        lm.next_token_logprobs_sync([1, 2, 3])
+        lm.clear_kv_cache()
+        assert lm.kv_cache.stats.in_use == 0
+        hits = lm.stats.logprob_cache_hits
+        lm.next_token_logprobs_sync([1, 2, 3])
+        assert lm.stats.logprob_cache_hits == hits + 1
+    with pytest.raises(ValueError, match="timeout"):
+        AsyncTransformer(model, tok, 10, -1)
+
+
+def test_from_name_takes_genlm_backend_arguments():
+    path = str(assets.smollm2_dir())
+    with AsyncTransformer.from_name(path, None, {"dtype": torch.float32}, batch_size=4, timeout=0.01) as lm:
+        assert lm.batch_size == 4 and lm.timeout == 0.01 and lm.model.dtype == torch.float32
 
 
 @pytest.mark.slow
