@@ -273,18 +273,17 @@ class AsyncTransformer(AsyncLM):
         return (query.ids[0] + query.adapter.serial * self.vocab_size, *query.ids[1:])
 
     @contextlib.contextmanager
-    def _hooks(self, adapters: Sequence[Adapter | None], last: torch.Tensor | None) -> Iterator[None]:
+    def _hooks(self, adapters: Sequence[Adapter | None], last: torch.Tensor) -> Iterator[None]:
         """(lock held) For one forward pass: route row ``b`` through ``adapters[b]``,
-        and (with ``last``) keep only position ``last[b]`` of row ``b`` for the output head."""
+        and keep only position ``last[b]`` of row ``b`` for the output head."""
         handles = []
         try:
             if self._lora_layers:
                 names = [_BASE if a is None else a.name for a in adapters]
                 hook = partial(_adapter_names_hook, names=names)
                 handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self._lora_layers]
-            if last is not None:
-                head = self.model.get_output_embeddings()
-                handles.append(head.register_forward_pre_hook(partial(_last_rows_hook, last=last), with_kwargs=True))
+            head = self.model.get_output_embeddings()
+            handles.append(head.register_forward_pre_hook(partial(_last_rows_hook, last=last), with_kwargs=True))
             yield
         finally:
             for handle in handles:
@@ -447,7 +446,10 @@ class AsyncTransformer(AsyncLM):
         with self._lock, torch.inference_mode():
             if not self._registered(query.adapter):
                 self._result(RequestFailed.adapter_removed(query.adapter))  # type: ignore[arg-type]
-            with self._hooks([query.adapter], None):
+            # The output head sees the last position only, as in the cached path (and
+            # in transformers' generate): the head over one row and over all rows are
+            # different BLAS kernels, whose float32 results differ by ~1e-5.
+            with self._hooks([query.adapter], torch.tensor([len(query.ids) - 1])):
                 logits = self.model(torch.tensor([query.ids], device=self.device), use_cache=False).logits[0, -1]
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
