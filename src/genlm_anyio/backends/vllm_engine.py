@@ -57,6 +57,8 @@ class EngineStats:
     """Prompt tokens handed to the engine (for a resumed session, only the new ones)."""
     tokens_cached: int = 0
     """Tokens of new requests that vLLM's prefix cache served."""
+    split_rounds: int = 0
+    """Batches run as two engine rounds (base, then adapters: see ``VLLMEngine._rounds``)."""
 
     @property
     def tokens_computed(self) -> int:
@@ -129,6 +131,9 @@ class VLLMEngine:
         # the sampled token is thrown away and this is the cheapest way to draw it.
         self._logprob_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False)
         self.version = version
+        from vllm.platforms import current_platform
+
+        self._cpu = current_platform.is_cpu()
         self.vocab_size: int = config.get_vocab_size()
         self.max_model_len: int = config.max_model_len
 
@@ -256,6 +261,22 @@ class VLLMEngine:
         out[ids] = values
         return torch.from_numpy(out)
 
+    def _rounds(self, requests: Sequence[Request]) -> list[list[int]]:
+        """The engine rounds a batch runs in: one, except on vLLM's CPU platform
+        when base-model and adapter requests meet. Its LoRA ops (vLLM 0.32,
+        ``lora/ops/torch_ops``) index the stacked adapter weights with the row's
+        slot, -1 for "no adapter", which picks the last slot: a base row scheduled
+        beside adapter rows gets the last slot's adapter. There, base requests run
+        first, then the adapters' (which vLLM batches together)."""
+        everything = list(range(len(requests)))
+        if not self._loras or not self._cpu:
+            return [everything]
+        base = [i for i in everything if requests[i].adapter is None]
+        if not base or len(base) == len(everything):
+            return [everything]
+        self.stats.split_rounds += 1
+        return [base, [i for i in everything if requests[i].adapter is not None]]
+
     def run(self, requests: Sequence[Request]) -> list[Any]:
         """Run ``requests`` together: a log-probability tensor for each :class:`Query`,
         the sampled ids (eos left out) for each :class:`SampleRequest`. Their adapters
@@ -275,41 +296,45 @@ class VLLMEngine:
         waiting: set[str] = set()  # added and not finished
         idle, self._sessions = self._sessions, {}
         try:
-            for i, request in enumerate(requests):
-                sampling = isinstance(request, SampleRequest)
-                if sampling and request.max_tokens == 0:
-                    results[i] = []
-                    continue
-                claim = None if sampling else self._claim(request, idle)
-                rid = claim[0] if claim else self._add(request)
-                # Recorded before a resume, so that a failure while resuming retires it.
-                where[rid] = i
-                waiting.add(rid)
-                if sampling:
-                    sampled[rid] = []
-                if claim:
-                    self._resume(*claim)
-            # Sessions this batch did not continue will not be continued later
-            # either (in SIS every particle moves each step): free their blocks.
-            self._retire(list(idle.values()))
-            idle.clear()
-            while waiting:
-                for output in self._core.get_output().outputs:
-                    rid = output.request_id
-                    if rid not in waiting:
+            rounds = self._rounds(requests)
+            for n, round_ in enumerate(rounds):
+                for i in round_:
+                    request = requests[i]
+                    sampling = isinstance(request, SampleRequest)
+                    if sampling and request.max_tokens == 0:
+                        results[i] = []
                         continue
-                    if output.num_nans_in_logits:
-                        raise FloatingPointError(f"vLLM's logits held {output.num_nans_in_logits} NaNs")
-                    if output.prefill_stats is not None:
-                        self.stats.tokens_cached += output.prefill_stats.num_cached_tokens
-                    if rid in sampled:
-                        sampled[rid].extend(output.new_token_ids)
-                    elif output.new_logprobs is not None:
-                        results[where[rid]] = self._logprobs(output)
-                    if output.finish_reason is not None:
-                        waiting.discard(rid)
-                        if rid not in sampled and results[where[rid]] is None:
-                            raise RuntimeError(f"vLLM ended a request without its logprobs ({output.finish_reason})")
+                    claim = None if sampling else self._claim(request, idle)
+                    rid = claim[0] if claim else self._add(request)
+                    # Recorded before a resume, so that a failure while resuming retires it.
+                    where[rid] = i
+                    waiting.add(rid)
+                    if sampling:
+                        sampled[rid] = []
+                    if claim:
+                        self._resume(*claim)
+                if n == len(rounds) - 1:
+                    # Sessions this batch did not continue will not be continued later
+                    # either (in SIS every particle moves each step): free their blocks.
+                    self._retire(list(idle.values()))
+                    idle.clear()
+                while waiting:
+                    for output in self._core.get_output().outputs:
+                        rid = output.request_id
+                        if rid not in waiting:
+                            continue
+                        if output.num_nans_in_logits:
+                            raise FloatingPointError(f"vLLM's logits held {output.num_nans_in_logits} NaNs")
+                        if output.prefill_stats is not None:
+                            self.stats.tokens_cached += output.prefill_stats.num_cached_tokens
+                        if rid in sampled:
+                            sampled[rid].extend(output.new_token_ids)
+                        elif output.new_logprobs is not None:
+                            results[where[rid]] = self._logprobs(output)
+                        if output.finish_reason is not None:
+                            waiting.discard(rid)
+                            if rid not in sampled and results[where[rid]] is None:
+                                raise RuntimeError(f"vLLM ended a request without its logprobs ({output.finish_reason})")
         except BaseException:
             # Leave the engine with nothing of this batch in flight or idle.
             self._retire(list(idle.values()) + [rid for rid in where if rid not in sampled or rid in waiting])
