@@ -72,3 +72,28 @@ async def ask_after_cancelled_callers(lm, ids):
         await anyio.sleep(0)
         tg.cancel_scope.cancel()
     return await lm.next_token_logprobs(ids + [79])
+
+
+@pytest.fixture(scope="session")
+def lora_adapters(tmp_path_factory) -> dict[str, str]:
+    """LoRA adapters for SmolLM2 (q_proj and v_proj, rank 8), built with peft and
+    saved: ``identity`` (peft's initial adapter, equal to the base model) and
+    ``shifted`` / ``shifted2`` (random B matrices: each changes the model its own way)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    root = tmp_path_factory.mktemp("lora")
+    paths = {"identity": str(root / "identity")}
+    model.save_pretrained(paths["identity"])
+    for name, seed in (("shifted", 1), ("shifted2", 2)):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if "lora_B" in param_name:
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+        paths[name] = str(root / name)
+        model.save_pretrained(paths[name])
+    return paths

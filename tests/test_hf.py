@@ -70,6 +70,17 @@ def test_mixed_batches_match_the_uncached_forward_pass(fresh):
     assert_matches_uncached(fresh, seqs, results)
 
 
+def test_a_lone_request_equals_the_uncached_pass_exactly(fresh):
+    """genlm-backend's test_caching: a request computed alone, cold or from its cached
+    prefix, is bit-for-bit the uncached pass (batched rows are within TOL: docs/runtime.md)."""
+    pre = prompt(fresh, "There might be something wrong")
+    ext = pre + fresh.tokenizer.encode(" with the caching logic", add_special_tokens=False)
+    for ids in (pre, ext):
+        got = anyio.run(lambda: fresh.next_token_logprobs(ids))
+        assert torch.equal(got, fresh.next_token_logprobs_uncached(ids))
+    assert fresh.kv_cache.stats.prefix_tokens_reused >= len(pre)
+
+
 def test_extending_n_cached_sequences_by_one_token_computes_n_tokens(fresh):
     p = prompt(fresh)
     seqs = [p + [1000 + i] for i in range(16)]
@@ -122,6 +133,44 @@ def test_eviction_under_a_small_budget_stays_correct(hf_parts):
         # A batch whose new tokens exceed the whole budget is computed, just not kept.
         long = [tok.encode("word " * 30)]
         assert_matches_uncached(small, long, small.batch_next_token_logprobs_sync(long))
+
+
+def test_the_output_head_computes_one_position_per_sequence(fresh):
+    """Issue 8, defect 4: logits for each row's last position only, never (batch, positions, V)."""
+    head = fresh.model.get_output_embeddings()
+    shapes = []
+    handle = head.register_forward_hook(lambda m, args, out: shapes.append((tuple(args[0].shape), tuple(out.shape))))
+    # Cold prompts of 1 to 40 tokens, no two alike at the start: one forward pass.
+    seqs = [[(97 * n + j) % 40000 + 50 for j in range(n)] for n in range(1, 41, 3)]
+    try:
+        got = fresh.batch_next_token_logprobs_sync(seqs)
+    finally:
+        handle.remove()
+    hidden = fresh.model.config.hidden_size
+    assert shapes == [((len(seqs), 1, hidden), (len(seqs), 1, fresh.vocab_size))]
+    assert_matches_uncached(fresh, seqs[:2] + seqs[-2:], list(got[:2]) + list(got[-2:]))
+
+
+def test_the_output_cache_keeps_compact_rows_within_its_byte_budget(hf_parts):
+    """Issue 8, defect 5: each cached result is a copy of one row (not a view that
+    keeps its batch alive), and the cache holds at most ``logprob_cache_bytes``."""
+    model, tok = hf_parts
+    row = 49152 * 4
+    with AsyncTransformer(model, tok, logprob_cache_bytes=5 * row) as lm:
+        seqs = [[1000 + i, 7] for i in range(8)]
+        lm.batch_next_token_logprobs_sync(seqs)
+        assert len(lm._outputs) == 5 and lm.output_cache_bytes == 5 * row
+        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in lm._outputs.values()}
+        assert list(storages.values()) == [row] * 5  # five storages of one row each: the (8, V) batch is freed
+        hits = lm.stats.logprob_cache_hits
+        lm.next_token_logprobs_sync(seqs[-1])  # among the newest five
+        lm.next_token_logprobs_sync(seqs[0])  # evicted
+        assert lm.stats.logprob_cache_hits == hits + 1
+        assert lm.output_cache_bytes == 5 * row
+        lm.clear_cache()
+        assert lm.output_cache_bytes == 0
+    with pytest.raises(ValueError, match="logprob_cache_bytes"):
+        AsyncTransformer(model, tok, logprob_cache_bytes=-1)
 
 
 def test_callers_own_their_results(fresh):
@@ -241,8 +290,38 @@ def test_load_model_by_name_backends():
         assert not torch.equal(a, mock.next_token_logprobs_sync([1, 2, 4]))
     with pytest.raises(ValueError, match="backend"):
         load_model_by_name(path, backend="tpu")
+    for name in ("mlx", "sgl"):
+        with pytest.raises(NotImplementedError, match=f"'{name}'.*not available"):
+            load_model_by_name(path, backend=name)
     with pytest.raises(TypeError, match="name"):
         load_model_by_name(None)
+
+
+def test_genlm_backend_arguments_batch_size_timeout_and_clear_kv_cache(hf_parts):
+    model, tok = hf_parts
+    # genlm-backend's positional order: (hf_model, hf_tokenizer, batch_size, timeout).
+    with AsyncTransformer(model, tok, 10, 0.5) as lm:
+        assert lm.batch_size == 10 and lm.timeout == 0.5
+        lm.batch_size = 2
+        lm.batch_next_token_logprobs_sync([[1], [2], [3], [4], [5]])
+        assert lm.batch_stats.largest_batch == 2 and lm.batch_stats.batches == 3
+        with pytest.raises(ValueError, match="batch_size"):
+            lm.batch_size = 0
+        # clear_kv_cache drops keys and values only: the output cache still answers.
+        lm.next_token_logprobs_sync([1, 2, 3])
+        lm.clear_kv_cache()
+        assert lm.kv_cache.stats.in_use == 0
+        hits = lm.stats.logprob_cache_hits
+        lm.next_token_logprobs_sync([1, 2, 3])
+        assert lm.stats.logprob_cache_hits == hits + 1
+    with pytest.raises(ValueError, match="timeout"):
+        AsyncTransformer(model, tok, 10, -1)
+
+
+def test_from_name_takes_genlm_backend_arguments():
+    path = str(assets.smollm2_dir())
+    with AsyncTransformer.from_name(path, None, {"dtype": torch.float32}, batch_size=4, timeout=0.01) as lm:
+        assert lm.batch_size == 4 and lm.timeout == 0.01 and lm.model.dtype == torch.float32
 
 
 @pytest.mark.slow

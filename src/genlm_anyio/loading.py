@@ -8,7 +8,9 @@ import torch
 
 from .backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
 
-BACKENDS = ("hf", "vllm", "mock")
+BACKENDS = ("hf", "vllm", "mock", "mlx", "sgl")
+# genlm-backend's other backends: valid names, not implemented here yet.
+_NOT_YET = {"mlx": "AsyncMlxLM (Apple MLX)", "sgl": "AsyncSGLTransformer (SGLang)"}
 
 
 def default_backend() -> str:
@@ -22,8 +24,9 @@ def load_model_by_name(name: str, backend: str | None = None, llm_opts: dict[str
     """Load ``name`` (a hub id, a local model folder, or a ``.gguf`` file) as an :class:`AsyncLM`.
 
     ``backend`` is ``"hf"`` (transformers), ``"vllm"`` or ``"mock"``; by default
-    vLLM when CUDA and vLLM are available, else transformers. ``llm_opts`` go to
-    the backend's ``from_name``.
+    vLLM when CUDA and vLLM are available, else transformers. ``"mlx"`` and
+    ``"sgl"`` (genlm-backend's other two) raise NotImplementedError for now; any
+    other name raises ValueError. ``llm_opts`` go to the backend's ``from_name``.
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, not {name!r}")
@@ -35,4 +38,8 @@ def load_model_by_name(name: str, backend: str | None = None, llm_opts: dict[str
         return MockAsyncLM.from_name(name, **opts)
     if backend == "vllm":
         return AsyncVirtualLM.from_name(name, **opts)
-    raise ValueError(f"backend must be one of {BACKENDS}, not {backend!r}")
+    if backend in _NOT_YET:
+        raise NotImplementedError(
+            f"backend {backend!r} ({_NOT_YET[backend]}) is not available in genlm-anyio yet; use 'hf', 'vllm' or 'mock'"
+        )
+    raise ValueError(f"Invalid backend: {backend!r}; the backends are {', '.join(BACKENDS)}")

@@ -1,10 +1,12 @@
 """The interface every language-model backend implements, and what they share:
-input validation, batching, sampling, and the context-manager protocol."""
+input validation, LoRA adapter registration, batching, sampling, and the
+context-manager protocol."""
 from __future__ import annotations
 
 import abc
 import itertools
 import operator
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -17,6 +19,53 @@ from ..vocab import Token, decode_vocab, tokens_from_bytes
 TokenIds = tuple[int, ...]
 
 
+@dataclass(frozen=True, eq=False)
+class Adapter:
+    """One registration of a LoRA adapter under a name.
+
+    Equality and hashing are by identity: registering a name again makes a new
+    :class:`Adapter`, so requests, cache entries and engine sessions of the old
+    registration never meet those of the new one.
+    """
+
+    name: str
+    path: str
+    serial: int
+    """Unique per model and registration, from 1 (0 is never an adapter)."""
+
+
+@dataclass(frozen=True)
+class Query:
+    """A validated next-token log-probability request: the ids, under an adapter
+    (``None``: the base model). The key the batching engine shares requests by."""
+
+    ids: TokenIds
+    adapter: Adapter | None = None
+
+    def __len__(self) -> int:
+        """The tokens of the request: its size for a batcher's token limit."""
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class RequestFailed:
+    """A backend's answer for one request of a batch that cannot be computed
+    (its adapter was removed after it was submitted): only that request's callers
+    raise ``error_type(message)``, each their own exception."""
+
+    error_type: type[Exception]
+    message: str
+
+    @classmethod
+    def adapter_removed(cls, adapter: Adapter) -> "RequestFailed":
+        """The answer for a request whose adapter was removed or replaced after it was submitted."""
+        return cls(ValueError, f"the LoRA adapter {adapter.name!r} was removed or replaced before this request ran")
+
+
+def _unknown_adapter(name: str) -> str:
+    return f"no LoRA adapter is registered as {name!r}; load it with add_new_lora(path, {name!r})"
+
+
 @dataclass(frozen=True)
 class SampleRequest:
     """A validated :meth:`AsyncLM.sample` call."""
@@ -26,6 +75,7 @@ class SampleRequest:
     eos_token_ids: TokenIds
     temperature: float
     seed: int | None
+    adapter: Adapter | None = None
     # Unseeded runs are independent draws: a fresh nonce keeps a batcher from merging them.
     nonce: int = field(default_factory=lambda: next(_nonces))
 
@@ -93,7 +143,10 @@ class AsyncLM(abc.ABC):
             self.str_vocab = self.str_vocab + [""] * pad
         self.byte_vocab: list[Token] = byte_vocab[: self.vocab_size]
         self.str_vocab = self.str_vocab[: self.vocab_size]
-        self._batcher: Batcher[TokenIds, torch.Tensor] = Batcher(
+        self._adapters: dict[str, Adapter] = {}
+        self._adapter_serials = itertools.count(1)
+        self._adapters_lock = threading.Lock()  # registration is one change at a time
+        self._batcher: Batcher[Query, torch.Tensor] = Batcher(
             self._batch_logprobs,
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
@@ -103,8 +156,21 @@ class AsyncLM(abc.ABC):
 
     # -- what a backend provides --------------------------------------------------
     @abc.abstractmethod
-    def _batch_logprobs(self, batch: list[TokenIds]) -> list[torch.Tensor]:
-        """Log-probabilities (float32, ``(vocab_size,)``) for distinct sequences; runs in the worker thread."""
+    def _batch_logprobs(self, batch: list[Query]) -> list[torch.Tensor | RequestFailed]:
+        """Log-probabilities (float32, ``(vocab_size,)``) for distinct requests; runs in the worker thread.
+
+        A request whose adapter is no longer registered (:meth:`_registered`)
+        gets a :class:`RequestFailed` instead.
+        """
+
+    def _load_adapter(self, adapter: Adapter, replaced: Adapter | None) -> None:
+        """Make ``adapter`` usable by requests, after unloading ``replaced`` (the
+        earlier registration of its name, if any)."""
+        raise NotImplementedError(f"{type(self).__name__} does not support LoRA adapters")
+
+    def _unload_adapter(self, adapter: Adapter) -> None:
+        """Free ``adapter``'s weights and every cached result computed with it."""
+        raise NotImplementedError(f"{type(self).__name__} does not support LoRA adapters")
 
     def clear_cache(self) -> None:
         """Drop every cached computation (no-op where nothing is cached)."""
@@ -112,36 +178,118 @@ class AsyncLM(abc.ABC):
     def _release(self) -> None:
         """Free the backend's resources (the batcher is already closed)."""
 
+    # -- LoRA adapters ----------------------------------------------------------------
+    def add_new_lora(self, lora_path: str, lora_name: str = "lora_1") -> None:
+        """Load the LoRA adapter at ``lora_path`` (a folder saved by peft, or a hub
+        id) under ``lora_name``; requests select it with ``lora_name=``.
+
+        Loading under a name already registered replaces that adapter: requests
+        still pending under the old weights fail with ValueError, and its cached
+        results are dropped.
+        """
+        if not isinstance(lora_name, str) or not lora_name:
+            raise TypeError(f"lora_name must be a non-empty str, not {lora_name!r}")
+        if not isinstance(lora_path, (str, bytes)) and not hasattr(lora_path, "__fspath__"):
+            raise TypeError(f"lora_path must be a path, not {type(lora_path).__name__}")
+        with self._adapters_lock:
+            replaced = self._adapters.pop(lora_name, None)
+            adapter = Adapter(lora_name, str(lora_path), next(self._adapter_serials))
+            self._load_adapter(adapter, replaced)
+            self._adapters[lora_name] = adapter
+
+    def remove_lora(self, lora_name: str) -> None:
+        """Unload the adapter registered as ``lora_name`` and drop its cached results;
+        requests still pending under it fail with ValueError."""
+        with self._adapters_lock:
+            adapter = self._adapters.pop(self._adapter_name(lora_name), None)
+            if adapter is None:
+                raise ValueError(_unknown_adapter(lora_name))
+            self._unload_adapter(adapter)
+
+    def set_lora(self, lora_path: str | None = None, lora_name: str = "lora_1") -> None:
+        """Not supported, as in genlm-backend 0.3.1: adapters are chosen per request."""
+        raise RuntimeError(
+            "set_lora() is gone (genlm-backend 0.3.1 removed it too): there is no active adapter to set. "
+            "Register the adapter once with add_new_lora(path, name) and pass lora_name=name to each request."
+        )
+
+    def clear_lora(self) -> None:
+        """Not supported, as in genlm-backend 0.3.1: ``lora_name=None`` is the base model."""
+        raise RuntimeError(
+            "clear_lora() is gone (genlm-backend 0.3.1 removed it too): "
+            "a request without lora_name (lora_name=None) runs on the base model."
+        )
+
+    @property
+    def loras(self) -> dict[str, str]:
+        """The registered adapters: name -> path."""
+        return {name: a.path for name, a in self._adapters.items()}
+
+    @staticmethod
+    def _adapter_name(lora_name: Any) -> str:
+        if not isinstance(lora_name, str):
+            raise TypeError(f"lora_name must be a str or None, not {type(lora_name).__name__}")
+        return lora_name
+
+    def _adapter(self, lora_name: str | None) -> Adapter | None:
+        """The registered adapter ``lora_name`` (None: the base model), or ValueError."""
+        if lora_name is None:
+            return None
+        adapter = self._adapters.get(self._adapter_name(lora_name))
+        if adapter is None:
+            raise ValueError(_unknown_adapter(lora_name))
+        return adapter
+
+    def _registered(self, adapter: Adapter | None) -> bool:
+        """Whether ``adapter`` (None: the base model) is still registered."""
+        return adapter is None or self._adapters.get(adapter.name) is adapter
+
     # -- requests ---------------------------------------------------------------------
     def _ids(self, token_ids: Any, name: str = "token_ids") -> TokenIds:
         return _as_ids(token_ids, self.vocab_size, name)
 
-    async def next_token_logprobs(self, token_ids: Sequence[int]) -> torch.Tensor:
+    def _query(self, token_ids: Any, lora_name: str | None, name: str = "token_ids") -> Query:
+        return Query(self._ids(token_ids, name), self._adapter(lora_name))
+
+    @staticmethod
+    def _result(out: Any) -> Any:
+        if isinstance(out, RequestFailed):
+            raise out.error_type(out.message)
+        return out
+
+    async def next_token_logprobs(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
         """Log-probabilities of the next token after ``token_ids``: float32 ``(vocab_size,)``.
 
+        ``lora_name`` selects a LoRA adapter registered with :meth:`add_new_lora`
+        (None: the base model); an unknown name raises ValueError.
         Each caller gets its own tensor: changing it in place touches neither the
         cache nor the callers that asked for the same ids.
         """
-        return (await self._batcher.submit(self._ids(token_ids))).clone()
+        return self._result(await self._batcher.submit(self._query(token_ids, lora_name))).clone()
 
-    def next_token_logprobs_sync(self, token_ids: Sequence[int]) -> torch.Tensor:
+    def next_token_logprobs_sync(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
         """:meth:`next_token_logprobs` from synchronous code."""
-        return self._batcher.submit_sync([self._ids(token_ids)])[0].clone()
+        return self._result(self._batcher.submit_sync([self._query(token_ids, lora_name)])[0]).clone()
 
-    def _many(self, token_ids_list: Sequence[Sequence[int]]) -> list[TokenIds]:
+    def _many(self, token_ids_list: Sequence[Sequence[int]], lora_name: str | None = None) -> list[Query]:
         if isinstance(token_ids_list, (str, bytes)) or not isinstance(token_ids_list, Sequence):
             raise TypeError(f"token_ids_list must be a sequence of sequences, not {type(token_ids_list).__name__}")
         if not token_ids_list:
             raise ValueError("token_ids_list must not be empty")
-        return [self._ids(ids, f"token_ids_list[{i}]") for i, ids in enumerate(token_ids_list)]
+        adapter = self._adapter(lora_name)
+        return [Query(self._ids(ids, f"token_ids_list[{i}]"), adapter) for i, ids in enumerate(token_ids_list)]
 
-    async def batch_next_token_logprobs(self, token_ids_list: Sequence[Sequence[int]]) -> torch.Tensor:
+    async def batch_next_token_logprobs(
+        self, token_ids_list: Sequence[Sequence[int]], lora_name: str | None = None
+    ) -> torch.Tensor:
         """:meth:`next_token_logprobs` of each sequence: float32 ``(len(token_ids_list), vocab_size)``."""
-        return torch.stack(await self._batcher.submit_many(self._many(token_ids_list)))
+        return torch.stack([self._result(r) for r in await self._batcher.submit_many(self._many(token_ids_list, lora_name))])
 
-    def batch_next_token_logprobs_sync(self, token_ids_list: Sequence[Sequence[int]]) -> torch.Tensor:
+    def batch_next_token_logprobs_sync(
+        self, token_ids_list: Sequence[Sequence[int]], lora_name: str | None = None
+    ) -> torch.Tensor:
         """:meth:`batch_next_token_logprobs` from synchronous code."""
-        return torch.stack(self._batcher.submit_sync(self._many(token_ids_list)))
+        return torch.stack([self._result(r) for r in self._batcher.submit_sync(self._many(token_ids_list, lora_name))])
 
     @property
     def batch_stats(self) -> BatchStats:
@@ -156,9 +304,11 @@ class AsyncLM(abc.ABC):
         eos_token_ids: Sequence[int],
         temperature: float = 1.0,
         seed: int | None = None,
+        lora_name: str | None = None,
     ) -> list[int]:
         """Sample up to ``max_tokens`` tokens after the prompt, stopping at (and
-        leaving out) any of ``eos_token_ids``. The same seed gives the same tokens."""
+        leaving out) any of ``eos_token_ids``. The same seed gives the same tokens.
+        ``lora_name`` selects a registered LoRA adapter (None: the base model)."""
         prompt = self._ids(prompt_token_ids, "prompt_token_ids")
         if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
             raise TypeError(f"max_tokens must be an int, not {type(max_tokens).__name__}")
@@ -169,14 +319,16 @@ class AsyncLM(abc.ABC):
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
             raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")
         eos = self._ids(list(eos_token_ids), "eos_token_ids") if eos_token_ids else ()
-        return await self._sample(SampleRequest(prompt, max_tokens, eos, float(temperature), seed))
+        adapter = self._adapter(lora_name)
+        return await self._sample(SampleRequest(prompt, max_tokens, eos, float(temperature), seed, adapter))
 
     async def _sample(self, request: SampleRequest) -> list[int]:
         """Run a validated sampling request: one next-token request per step."""
         generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
         prompt, generated = list(request.prompt), []
         for _ in range(request.max_tokens):
-            logprobs = await self.next_token_logprobs(prompt + generated)
+            query = Query(tuple(prompt + generated), request.adapter)
+            logprobs = self._result(await self._batcher.submit(query))
             probs = torch.softmax(logprobs.float().cpu() / request.temperature, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=generator).item())
             if token in request.eos_token_ids:
@@ -191,15 +343,16 @@ class AsyncLM(abc.ABC):
         eos_token_ids: Sequence[int],
         temperature: float = 1.0,
         seed: int | None = None,
+        lora_name: str | None = None,
     ) -> list[list[int]]:
         """:meth:`sample` for each prompt, concurrently (so their steps batch together).
         With a seed, prompt ``i`` uses ``seed + i``."""
-        prompts = self._many(prompt_token_ids_list)
+        prompts = [q.ids for q in self._many(prompt_token_ids_list, lora_name)]
         results: list[list[int]] = [[] for _ in prompts]
 
         async def one(i: int) -> None:
             results[i] = await self.sample(
-                prompts[i], max_tokens, eos_token_ids, temperature, None if seed is None else seed + i
+                prompts[i], max_tokens, eos_token_ids, temperature, None if seed is None else seed + i, lora_name
             )
 
         async with anyio.create_task_group() as tg:

@@ -1,17 +1,23 @@
-"""The Hugging Face transformers backend, with a prefix KV cache per token."""
+"""The Hugging Face transformers backend, with a prefix KV cache per token and
+LoRA adapters (peft) that share forward passes."""
 from __future__ import annotations
 
+import contextlib
 import inspect
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from ..kv_cache import PrefixKVCache
-from .base import AsyncLM, TokenIds
+from .base import Adapter, AsyncLM, Query, RequestFailed, TokenIds
+
+# peft's name for "no adapter" in a mixed-adapter batch.
+_BASE = "__base__"
 
 
 @dataclass
@@ -27,9 +33,13 @@ class ComputeStats:
 
 @dataclass
 class _Job:
-    """One sequence of a forward pass: cached prefix ``node`` (of length ``start``) and the tokens after it."""
+    """One sequence of a forward pass: cached prefix ``node`` (of length ``start``) and the tokens after it.
 
-    ids: TokenIds
+    ``path`` is the sequence as the KV trie knows it (see :meth:`AsyncTransformer._path`).
+    """
+
+    query: Query
+    path: TokenIds
     node: Any
     start: int
 
@@ -53,19 +63,42 @@ def _seed(kv: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
             kv.update(keys[layer], values[layer], layer)
 
 
+def _adapter_names_hook(module: Any, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
+    # peft's LoRA layers route each row of a batch through the adapter named for it.
+    kwargs["adapter_names"] = names
+    return args, kwargs
+
+
+def _last_rows_hook(module: Any, args: tuple, kwargs: dict, last: torch.Tensor) -> tuple[tuple, dict]:
+    """Give the output head one hidden state per sequence, (batch, 1, hidden): its
+    last position, so no logits are made for the other positions."""
+    hidden = args[0] if args else kwargs.pop("input")
+    rows = hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)]
+    return (rows.unsqueeze(1), *args[1:]), kwargs
+
+
 class AsyncTransformer(AsyncLM):
     """A transformers causal LM with autobatching and a shared prefix KV cache.
 
     Extending a cached sequence by one token computes one token; identical
     concurrent requests are computed once; finished results are kept in a
-    bounded LRU cache.
+    bounded LRU cache. LoRA adapters (:meth:`add_new_lora`, loaded with peft)
+    run in the same forward passes as the base model, each row through its own
+    adapter; cached keys, values and results are never shared across adapters.
 
     Args:
         hf_model: a ``transformers`` causal language model (in eval mode).
         hf_tokenizer: its tokenizer.
+        batch_size: most sequences in one batch (genlm-backend's argument; here a
+            cap on a round of requests, which is otherwise gathered until no
+            more arrive).
+        timeout: accepted for genlm-backend compatibility and kept as
+            ``self.timeout``; it changes nothing, as there is no timer (a round
+            goes as soon as every ready task has asked; see docs/runtime.md).
         kv_cache_bytes: the byte budget of the KV cache (default 1 GiB).
-        logprob_cache_size: how many results the output cache keeps (0 disables it).
-        max_batch_size: most sequences in one batch.
+        logprob_cache_size: most results the output cache keeps (0 disables it).
+        logprob_cache_bytes: most bytes the output cache keeps (default 256 MiB;
+            each result is one float32 row of ``vocab_size``).
         max_batch_tokens: most new tokens in one forward pass (longer batches are split).
     """
 
@@ -73,18 +106,27 @@ class AsyncTransformer(AsyncLM):
         self,
         hf_model: Any,
         hf_tokenizer: Any,
+        batch_size: int = 128,
+        timeout: float = 0.02,
         *,
         kv_cache_bytes: int = 1 << 30,
         logprob_cache_size: int = 256,
-        max_batch_size: int = 128,
+        logprob_cache_bytes: int = 1 << 28,
         max_batch_tokens: int = 4096,
     ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number >= 0, not {timeout!r}")
         if logprob_cache_size < 0:
             raise ValueError(f"logprob_cache_size must be >= 0, not {logprob_cache_size}")
+        if logprob_cache_bytes < 0:
+            raise ValueError(f"logprob_cache_bytes must be >= 0, not {logprob_cache_bytes}")
         self.model = hf_model.eval()
         config = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
         vocab_size = hf_model.get_output_embeddings().weight.shape[0]
-        super().__init__(hf_tokenizer, vocab_size, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+        super().__init__(hf_tokenizer, vocab_size, max_batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+        self.timeout = float(timeout)
         self.device = next(hf_model.parameters()).device
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -92,23 +134,39 @@ class AsyncTransformer(AsyncLM):
             (config.num_hidden_layers, heads, head_dim), next(hf_model.parameters()).dtype, self.device, kv_cache_bytes
         )
         self._max_forward_tokens = max_batch_tokens
-        self._outputs: OrderedDict[TokenIds, torch.Tensor] = OrderedDict()
+        self._outputs: OrderedDict[Query, torch.Tensor] = OrderedDict()
         self._outputs_size = logprob_cache_size
+        self._outputs_budget = logprob_cache_bytes
+        self._outputs_bytes = 0
         self._lock = threading.Lock()  # the model, the caches: one user at a time
         # transformers 5.2x renamed `past_key_values` to `cache`.
         self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
+        self._lora_layers: list[Any] = []
+        self._find_lora_layers()
         self.stats = ComputeStats()
 
     @classmethod
-    def from_name(cls, model_id: str, hf_opts: dict[str, Any] | None = None, **opts: Any) -> "AsyncTransformer":
+    def from_name(
+        cls,
+        model_id: str,
+        bitsandbytes_opts: dict[str, Any] | None = None,
+        hf_opts: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> "AsyncTransformer":
         """Load ``model_id`` (a hub id, a local folder, or a ``.gguf`` file) with transformers.
 
-        ``hf_opts`` go to ``from_pretrained`` (``device_map``, ``dtype``, ...); by
-        default the model goes to CUDA when it is available.
+        ``bitsandbytes_opts`` build a ``BitsAndBytesConfig`` (quantization; needs
+        bitsandbytes and, for most options, CUDA). ``hf_opts`` go to
+        ``from_pretrained`` (``device_map``, ``dtype``, ...); by default the model
+        goes to CUDA when it is available. ``kwargs`` go to the constructor.
         """
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         hf_opts = dict(hf_opts or {})
+        if bitsandbytes_opts:
+            from transformers import BitsAndBytesConfig
+
+            hf_opts["quantization_config"] = BitsAndBytesConfig(**bitsandbytes_opts)
         if "device_map" not in hf_opts and torch.cuda.is_available():
             hf_opts["device_map"] = "cuda"
         path, tok_opts = model_id, {}
@@ -118,50 +176,149 @@ class AsyncTransformer(AsyncLM):
             hf_opts.setdefault("gguf_file", gguf.name)
         tokenizer = AutoTokenizer.from_pretrained(path, **tok_opts)
         model = AutoModelForCausalLM.from_pretrained(path, **hf_opts)
-        return cls(model, tokenizer, **opts)
+        return cls(model, tokenizer, **kwargs)
+
+    @property
+    def batch_size(self) -> int:
+        """Most sequences in one batch (settable)."""
+        return self._batcher._max_batch_size
+
+    @batch_size.setter
+    def batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"batch_size must be an int >= 1, not {value!r}")
+        self._batcher._max_batch_size = value
 
     # -- the output cache ---------------------------------------------------------
-    def _remember(self, ids: TokenIds, logprobs: torch.Tensor) -> None:
-        if self._outputs_size:
-            self._outputs[ids] = logprobs
-            while len(self._outputs) > self._outputs_size:
-                self._outputs.popitem(last=False)
+    @property
+    def output_cache_bytes(self) -> int:
+        """Bytes the output cache holds now (each entry a compact float32 row)."""
+        return self._outputs_bytes
+
+    def _remember(self, query: Query, logprobs: torch.Tensor) -> torch.Tensor:
+        """Cache a copy of ``logprobs`` (a row of its batch's tensor), and return
+        it: a compact copy, so that the cache never keeps a whole batch alive."""
+        if not self._outputs_size or not self._outputs_budget:
+            return logprobs
+        row = logprobs.clone()
+        if query in self._outputs:
+            self._outputs_bytes -= self._outputs.pop(query).nbytes
+        self._outputs[query] = row
+        self._outputs_bytes += row.nbytes
+        while len(self._outputs) > self._outputs_size or self._outputs_bytes > self._outputs_budget:
+            self._outputs_bytes -= self._outputs.popitem(last=False)[1].nbytes
+        return row
+
+    def _forget_outputs(self, adapter: Adapter) -> None:
+        for query in [q for q in self._outputs if q.adapter is adapter]:
+            self._outputs_bytes -= self._outputs.pop(query).nbytes
 
     def clear_cache(self) -> None:
         """Drop the KV cache and the output cache."""
         with self._lock:
             self.kv_cache.clear()
             self._outputs.clear()
+            self._outputs_bytes = 0
+
+    def clear_kv_cache(self) -> None:
+        """Drop the KV cache only (cached results stay)."""
+        with self._lock:
+            self.kv_cache.clear()
 
     def _release(self) -> None:
         self.clear_cache()
 
-    # -- batches --------------------------------------------------------------------
-    def _batch_logprobs(self, batch: list[TokenIds]) -> list[torch.Tensor]:
-        with self._lock, torch.inference_mode():
-            results: dict[TokenIds, torch.Tensor] = {}
-            todo = []
-            for ids in batch:
-                hit = self._outputs.get(ids)
-                if hit is not None:
-                    self._outputs.move_to_end(ids)
-                    self.stats.logprob_cache_hits += 1
-                    results[ids] = hit
-                else:
-                    todo.append(ids)
-            for ids in self._shared_prefixes(todo):
-                # Prefixes that several requests extend are computed first, once.
-                results.update(self._run([ids]))
-            results.update(self._run([ids for ids in todo if ids not in results]))
-            return [results[ids] for ids in batch]
+    # -- LoRA adapters ------------------------------------------------------------
+    def _find_lora_layers(self) -> None:
+        """The modules that route rows by adapter name (none until peft adapters are loaded)."""
+        try:
+            from peft.tuners.lora import LoraLayer
+            from peft.utils.other import AuxiliaryTrainingWrapper
+        except ImportError:
+            self._lora_layers = []
+            return
+        self._lora_layers = [m for m in self.model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
 
-    def _shared_prefixes(self, todo: list[TokenIds]) -> list[TokenIds]:
-        """The longest uncached prefixes that two or more requests share."""
+    def _load_adapter(self, adapter: Adapter, replaced: Adapter | None) -> None:
+        try:
+            import peft  # noqa: F401
+        except ImportError as exc:
+            raise ImportError("LoRA adapters on the transformers backend need peft: pip install 'genlm-anyio[lora]'") from exc
+        with self._lock:
+            if replaced is not None:
+                self._drop_adapter(replaced)
+            self.model.load_adapter(adapter.path, adapter_name=adapter.name)
+            # Rows choose their adapter per forward pass; none may be switched off globally.
+            self.model.enable_adapters()
+            self._find_lora_layers()
+
+    def _unload_adapter(self, adapter: Adapter) -> None:
+        with self._lock:
+            self._drop_adapter(adapter)
+
+    def _drop_adapter(self, adapter: Adapter) -> None:
+        """(lock held) Delete the adapter's weights and its cached results. Its KV
+        entries are keyed by its serial, which no later registration reuses: they
+        can no longer match and are the first the KV cache evicts."""
+        self.model.delete_adapter(adapter.name)
+        self._forget_outputs(adapter)
+        self._find_lora_layers()
+
+    def _path(self, query: Query) -> TokenIds:
+        """The sequence as the KV trie stores it: under an adapter, the first token
+        is shifted out of the vocabulary's range by a multiple of its serial, so that
+        each adapter registration has its own subtree (its own root)."""
+        if query.adapter is None:
+            return query.ids
+        return (query.ids[0] + query.adapter.serial * self.vocab_size, *query.ids[1:])
+
+    @contextlib.contextmanager
+    def _hooks(self, adapters: Sequence[Adapter | None], last: torch.Tensor) -> Iterator[None]:
+        """(lock held) For one forward pass: route row ``b`` through ``adapters[b]``,
+        and keep only position ``last[b]`` of row ``b`` for the output head."""
+        handles = []
+        try:
+            if self._lora_layers:
+                names = [_BASE if a is None else a.name for a in adapters]
+                hook = partial(_adapter_names_hook, names=names)
+                handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self._lora_layers]
+            head = self.model.get_output_embeddings()
+            handles.append(head.register_forward_pre_hook(partial(_last_rows_hook, last=last), with_kwargs=True))
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    # -- batches --------------------------------------------------------------------
+    def _batch_logprobs(self, batch: list[Query]) -> list[torch.Tensor | RequestFailed]:
+        with self._lock, torch.inference_mode():
+            results: dict[Query, torch.Tensor | RequestFailed] = {}
+            todo = []
+            for query in batch:
+                if not self._registered(query.adapter):
+                    results[query] = RequestFailed.adapter_removed(query.adapter)  # type: ignore[arg-type]
+                    continue
+                hit = self._outputs.get(query)
+                if hit is not None:
+                    self._outputs.move_to_end(query)
+                    self.stats.logprob_cache_hits += 1
+                    results[query] = hit
+                else:
+                    todo.append(query)
+            for query in self._shared_prefixes(todo):
+                # Prefixes that several requests extend are computed first, once.
+                results.update(self._run([query]))
+            results.update(self._run([query for query in todo if query not in results]))
+            return [results[query] for query in batch]
+
+    def _shared_prefixes(self, todo: list[Query]) -> list[Query]:
+        """The longest uncached prefixes that two or more requests (under one adapter) share."""
         if len(todo) < 2:
             return []
-        starts = {ids: self.kv_cache.match(ids, len(ids) - 1)[1] for ids in todo}
-        ordered = sorted(todo)
-        shared: set[TokenIds] = set()
+        paths = {self._path(q): q for q in todo}
+        starts = {path: self.kv_cache.match(path, len(path) - 1)[1] for path in paths}
+        ordered = sorted(paths)
+        shared: dict[TokenIds, Query] = {}
         for a, b in zip(ordered, ordered[1:]):
             common = 0
             for x, y in zip(a, b):
@@ -169,24 +326,26 @@ class AsyncTransformer(AsyncLM):
                     break
                 common += 1
             if common > max(starts[a], starts[b]):
-                shared.add(a[:common])
+                # Equal first path tokens mean one adapter: a's ids and adapter name the prefix.
+                shared[a[:common]] = Query(paths[a].ids[:common], paths[a].adapter)
         # Keep only the deepest of nested shared prefixes' chains: each is computed
         # once and the shorter ones come with it.
-        return sorted(p for p in shared if not any(q != p and q[: len(p)] == p for q in shared))
+        return [q for p, q in sorted(shared.items()) if not any(o != p and o[: len(p)] == p for o in shared)]
 
-    def _run(self, seqs: list[TokenIds]) -> dict[TokenIds, torch.Tensor]:
-        """Forward passes for ``seqs`` (split by ``max_batch_tokens``), storing their KV."""
-        out: dict[TokenIds, torch.Tensor] = {}
+    def _run(self, queries: list[Query]) -> dict[Query, torch.Tensor]:
+        """Forward passes for ``queries`` (split by ``max_batch_tokens``), storing their KV."""
+        out: dict[Query, torch.Tensor] = {}
         jobs = []
-        for ids in seqs:
+        for query in queries:
+            path = self._path(query)
             # The last token is always run: its logits are the answer.
-            node, start = self.kv_cache.match(ids, len(ids) - 1)
+            node, start = self.kv_cache.match(path, len(path) - 1)
             self.kv_cache.stats.prefix_tokens_reused += start
-            jobs.append(_Job(ids, node, start))
+            jobs.append(_Job(query, path, node, start))
         chunk: list[_Job] = []
         tokens = 0
         for job in jobs:
-            new = len(job.ids) - job.start
+            new = len(job.path) - job.start
             if chunk and tokens + new > self._max_forward_tokens:
                 out.update(self._forward(chunk))
                 chunk, tokens = [], 0
@@ -196,7 +355,7 @@ class AsyncTransformer(AsyncLM):
             out.update(self._forward(chunk))
         return out
 
-    def _forward(self, jobs: list[_Job]) -> dict[TokenIds, torch.Tensor]:
+    def _forward(self, jobs: list[_Job]) -> dict[Query, torch.Tensor]:
         from transformers import DynamicCache
 
         cache = self.kv_cache
@@ -204,7 +363,7 @@ class AsyncTransformer(AsyncLM):
             cache.pin(job.node, +1)
         try:
             past = [cache.slots(job.node) for job in jobs]
-            news = [job.ids[job.start :] for job in jobs]
+            news = [job.query.ids[job.start :] for job in jobs]
             width = max(len(n) for n in news)
             batch = len(jobs)
             past_len = max(len(p) for p in past)
@@ -222,36 +381,32 @@ class AsyncTransformer(AsyncLM):
                 keys, values = cache.gather(past)
                 _seed(kv, keys, values)
             last = torch.tensor([len(n) - 1 for n in news])
-            outputs = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=position_ids.to(self.device),
-                use_cache=True,
-                **{self._cache_arg: kv},
-                logits_to_keep=torch.unique(last).to(self.device),
-            )
+            with self._hooks([job.query.adapter for job in jobs], last):
+                outputs = self.model(
+                    input_ids=input_ids.to(self.device),
+                    attention_mask=mask.to(self.device),
+                    position_ids=position_ids.to(self.device),
+                    use_cache=True,
+                    **{self._cache_arg: kv},
+                )
             self.stats.forward_passes += 1
             self.stats.tokens_computed += sum(len(n) for n in news)
-
-            # Logits were kept for the distinct last positions only: pick each row's.
-            kept = torch.unique(last)
-            column = torch.searchsorted(kept, last)
-            logits = outputs.logits[torch.arange(batch), column.to(outputs.logits.device)]
-            logprobs = torch.log_softmax(logits.float(), dim=-1).cpu()
-
-            self._store(jobs, news, past_len, kv)
+            logits = outputs.logits
+            del outputs
+            if logits.shape[1] != 1:  # the model bypassed its output-embedding module (and the hook)
+                logits = logits[torch.arange(batch), last.to(logits.device)].unsqueeze(1)
+            logprobs = torch.log_softmax(logits[:, 0].float(), dim=-1).cpu()
+            del logits
+            self._store(jobs, past_len, kv)
         finally:
             for job in jobs:
                 cache.pin(job.node, -1)
-        result = {}
-        for job, lp in zip(jobs, logprobs):
-            self._remember(job.ids, lp)
-            result[job.ids] = lp
-        return result
+        return {job.query: self._remember(job.query, lp) for job, lp in zip(jobs, logprobs)}
 
-    def _store(self, jobs: list[_Job], news: list[TokenIds], past_len: int, kv: Any) -> None:
+    def _store(self, jobs: list[_Job], past_len: int, kv: Any) -> None:
         """Keep the keys and values of the tokens no cached node holds yet."""
         cache = self.kv_cache
+        news = [job.path[job.start :] for job in jobs]
         width = max(len(n) for n in news)
         rows, paths = [], []
         for b, (job, new) in enumerate(zip(jobs, news)):
@@ -284,13 +439,21 @@ class AsyncTransformer(AsyncLM):
             offset += len(tokens)
 
     # -- uncached ---------------------------------------------------------------------
-    def next_token_logprobs_uncached(self, token_ids: Sequence[int]) -> torch.Tensor:
-        """One plain forward pass of ``token_ids`` alone, with no cache: the reference."""
-        ids = self._ids(token_ids)
+    def next_token_logprobs_uncached(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
+        """One plain forward pass of ``token_ids`` alone (under adapter ``lora_name``),
+        with no cache: the reference the cached and batched results are checked against."""
+        query = self._query(token_ids, lora_name)
         with self._lock, torch.inference_mode():
-            logits = self.model(torch.tensor([ids], device=self.device), use_cache=False).logits[0, -1]
+            if not self._registered(query.adapter):
+                self._result(RequestFailed.adapter_removed(query.adapter))  # type: ignore[arg-type]
+            # The output head sees the last position only, as in the cached path (and
+            # in transformers' generate): the head over one row and over all rows are
+            # different BLAS kernels, whose float32 results differ by ~1e-5.
+            with self._hooks([query.adapter], torch.tensor([len(query.ids) - 1])):
+                logits = self.model(torch.tensor([query.ids], device=self.device), use_cache=False).logits[0, -1]
         return torch.log_softmax(logits.float(), dim=-1).cpu()
 
-    def cache_kv(self, prompt_tokens: Sequence[int]) -> None:
-        """Compute and cache the keys and values of ``prompt_tokens`` (and its next-token distribution)."""
-        self.next_token_logprobs_sync(prompt_tokens)
+    def cache_kv(self, prompt_tokens: Sequence[int], lora_name: str | None = None) -> None:
+        """Compute and cache the keys and values of ``prompt_tokens`` (and its
+        next-token distribution), under adapter ``lora_name``."""
+        self.next_token_logprobs_sync(prompt_tokens, lora_name=lora_name)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from .base import AsyncLM, SampleRequest, TokenIds
+from .base import Adapter, AsyncLM, SampleRequest, TokenIds
 from .vllm_engine import Request, VLLMEngine
 
 
@@ -17,7 +17,10 @@ class AsyncVirtualLM(AsyncLM):
     whole KV blocks between the others. Every log-probability vector covers the
     whole vocabulary, in float32, computed from the raw logits.
     ``sample``/``batch_sample`` use vLLM's own decode loop. ``engine.stats``
-    counts what the engine computed.
+    counts what the engine computed. LoRA adapters (:meth:`add_new_lora`, on an
+    engine started with ``enable_lora``) go with each request as vLLM's
+    ``LoRARequest``; requests under different adapters batch together and never
+    share a session.
 
     Args:
         engine: a :class:`~genlm_anyio.backends.vllm_engine.VLLMEngine`, or a
@@ -41,8 +44,9 @@ class AsyncVirtualLM(AsyncLM):
         """Start a vLLM engine for ``model_name`` (a hub id or a local folder).
 
         ``engine_opts`` are ``vllm.EngineArgs`` fields (``tensor_parallel_size``,
-        ``dtype``, ``gpu_memory_utilization``, ``max_model_len``, ...); prefix
-        caching is on unless they turn it off. ``opts`` go to the constructor.
+        ``dtype``, ``gpu_memory_utilization``, ``max_model_len``, ``enable_lora``,
+        ``max_lora_rank``, ...); prefix caching is on unless they turn it off.
+        ``opts`` go to the constructor.
         """
         if engine_opts is not None and not isinstance(engine_opts, dict):
             raise TypeError(f"engine_opts must be a dict or None, not {type(engine_opts).__name__}")
@@ -60,13 +64,21 @@ class AsyncVirtualLM(AsyncLM):
     def _batch_logprobs(self, batch: Sequence[Request]) -> list[Any]:  # type: ignore[override]
         return self.engine.run(batch)
 
+    def _load_adapter(self, adapter: Adapter, replaced: Adapter | None) -> None:
+        if replaced is not None:
+            self.engine.remove_lora(replaced)
+        self.engine.add_lora(adapter)
+
+    def _unload_adapter(self, adapter: Adapter) -> None:
+        self.engine.remove_lora(adapter)
+
     async def _sample(self, request: SampleRequest) -> list[int]:
         if len(request) > self.engine.max_model_len:
             raise ValueError(
                 f"prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) "
                 f"exceeds the engine's max_model_len ({self.engine.max_model_len})"
             )
-        return list(await self._batcher.submit(request))  # type: ignore[arg-type]
+        return list(self._result(await self._batcher.submit(request)))  # type: ignore[arg-type]
 
     def clear_cache(self) -> None:
         """Drop vLLM's prefix cache."""

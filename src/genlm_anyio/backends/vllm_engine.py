@@ -29,7 +29,7 @@ from typing import Any, Sequence, Union
 import numpy as np
 import torch
 
-from .base import SampleRequest
+from .base import Adapter, Query, RequestFailed, SampleRequest
 
 TESTED_VERSIONS = "0.32"
 
@@ -39,7 +39,7 @@ _REQUIRED_OPTIONS = {"max_logprobs": -1, "logprobs_mode": "raw_logprobs"}
 
 
 TokenIds = tuple[int, ...]
-Request = Union[TokenIds, SampleRequest]
+Request = Union[Query, SampleRequest]
 
 # A request resumes a session that holds all but at most this many of its tokens.
 _MAX_RESUME_TOKENS = 64
@@ -57,6 +57,8 @@ class EngineStats:
     """Prompt tokens handed to the engine (for a resumed session, only the new ones)."""
     tokens_cached: int = 0
     """Tokens of new requests that vLLM's prefix cache served."""
+    split_rounds: int = 0
+    """Batches run as two engine rounds (base, then adapters: see ``VLLMEngine._rounds``)."""
 
     @property
     def tokens_computed(self) -> int:
@@ -120,14 +122,18 @@ class VLLMEngine:
         self._tasks = engine.get_supported_tasks()
         self._ids = itertools.count()
         # Idle streaming-input sessions (vLLM's resumable requests) of the last
-        # batch, by the tokens they hold: extending one computes only the new tokens.
-        self._sessions: dict[TokenIds, str] = {}
+        # batch, by the tokens (and adapter) they hold: extending one computes only the new tokens.
+        self._sessions: dict[Query, str] = {}
+        self._loras: dict[Adapter, Any] = {}  # registered adapter -> its vLLM LoRARequest
         self._lock = threading.Lock()
         self.stats = EngineStats()
         # Built once: the input processor clones it for each request. Greedy, because
         # the sampled token is thrown away and this is the cheapest way to draw it.
         self._logprob_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False)
         self.version = version
+        from vllm.platforms import current_platform
+
+        self._cpu = current_platform.is_cpu()
         self.vocab_size: int = config.get_vocab_size()
         self.max_model_len: int = config.max_model_len
 
@@ -149,6 +155,33 @@ class VLLMEngine:
         """The engine's Hugging Face tokenizer."""
         return self._engine.get_tokenizer()
 
+    # -- LoRA adapters ------------------------------------------------------------------
+    def add_lora(self, adapter: Adapter) -> None:
+        """Load ``adapter``'s weights into the engine (vLLM id: its serial)."""
+        from vllm.lora.request import LoRARequest
+
+        if self._engine.vllm_config.lora_config is None:
+            raise ValueError(
+                "this vLLM engine was started without LoRA support: pass engine_opts={'enable_lora': True} "
+                "(and max_lora_rank at least the adapter's rank) to AsyncVirtualLM.from_name"
+            )
+        request = LoRARequest(adapter.name, adapter.serial, adapter.path)
+        with self._lock:
+            if not self._engine.add_lora(request):
+                raise RuntimeError(f"vLLM could not load the LoRA adapter at {adapter.path!r}")
+            self._loras[adapter] = request
+
+    def remove_lora(self, adapter: Adapter) -> None:
+        """End ``adapter``'s idle sessions and unload its weights."""
+        with self._lock:
+            self._retire([rid for query, rid in self._sessions.items() if query.adapter is adapter])
+            self._sessions = {q: rid for q, rid in self._sessions.items() if q.adapter is not adapter}
+            if self._loras.pop(adapter, None) is not None:
+                self._engine.remove_lora(adapter.serial)
+
+    def _lora(self, adapter: Adapter | None) -> Any:
+        return None if adapter is None else self._loras[adapter]
+
     # -- running requests ---------------------------------------------------------------
     def _params(self, request: Request) -> Any:
         from vllm import SamplingParams
@@ -168,13 +201,14 @@ class VLLMEngine:
         """Start a request; a log-probability request opens a session."""
         from vllm.inputs import TokensPrompt
 
-        session = not isinstance(request, SampleRequest)
-        prompt = request if session else request.prompt
+        session = isinstance(request, Query)
+        prompt = request.ids if session else request.prompt
         core_request = self._inputs.process_inputs(
             f"genlm-{next(self._ids)}",
             TokensPrompt(prompt_token_ids=list(prompt)),
             self._params(request),
             supported_tasks=self._tasks,
+            lora_request=self._lora(request.adapter),
             resumable=session,
         )
         self._inputs.assign_request_id(core_request)
@@ -183,15 +217,16 @@ class VLLMEngine:
         self.stats.tokens_fed += len(prompt)
         return core_request.request_id
 
-    def _resume(self, rid: str, new_tokens: Sequence[int]) -> None:
+    def _resume(self, rid: str, new_tokens: Sequence[int], adapter: Adapter | None) -> None:
         """Feed ``new_tokens`` to the idle session ``rid``: only they are computed."""
         from vllm.inputs import TokensPrompt
 
         core_request = self._inputs.process_inputs(
             rid,
             TokensPrompt(prompt_token_ids=list(new_tokens)),
-            self._params(tuple(new_tokens)),
+            self._logprob_params,
             supported_tasks=self._tasks,
+            lora_request=self._lora(adapter),
             resumable=True,
         )
         core_request.external_req_id = rid
@@ -200,13 +235,14 @@ class VLLMEngine:
         self.stats.tokens_fed += len(new_tokens)
 
     @staticmethod
-    def _claim(ids: TokenIds, idle: dict[TokenIds, str]) -> tuple[str, TokenIds] | None:
-        """The idle session whose tokens ``ids`` extends the least (taken out of
-        ``idle``), with the tokens ``ids`` adds to it."""
+    def _claim(query: Query, idle: dict[Query, str]) -> tuple[str, TokenIds, Adapter | None] | None:
+        """The idle session (under the same adapter) whose tokens ``query`` extends
+        the least (taken out of ``idle``), with the tokens ``query`` adds to it."""
+        ids = query.ids
         for extra in range(1, min(len(ids), _MAX_RESUME_TOKENS + 1)):
-            rid = idle.pop(ids[:-extra], None)
+            rid = idle.pop(Query(ids[:-extra], query.adapter), None)
             if rid is not None:
-                return rid, ids[-extra:]
+                return rid, ids[-extra:], query.adapter
         return None
 
     def _retire(self, rids: Sequence[str]) -> None:
@@ -225,11 +261,33 @@ class VLLMEngine:
         out[ids] = values
         return torch.from_numpy(out)
 
+    def _rounds(self, requests: Sequence[Request]) -> list[list[int]]:
+        """The engine rounds a batch runs in: one, except on vLLM's CPU platform
+        when base-model and adapter requests meet. Its LoRA ops (vLLM 0.32,
+        ``lora/ops/torch_ops``) index the stacked adapter weights with the row's
+        slot, -1 for "no adapter", which picks the last slot: a base row scheduled
+        beside adapter rows gets the last slot's adapter. There, base requests run
+        first, then the adapters' (which vLLM batches together)."""
+        everything = list(range(len(requests)))
+        if not self._loras or not self._cpu:
+            return [everything]
+        base = [i for i in everything if requests[i].adapter is None]
+        if not base or len(base) == len(everything):
+            return [everything]
+        self.stats.split_rounds += 1
+        return [base, [i for i in everything if requests[i].adapter is not None]]
+
     def run(self, requests: Sequence[Request]) -> list[Any]:
-        """Run ``requests`` together: a log-probability tensor for each token-id
-        tuple, the sampled ids (eos left out) for each :class:`SampleRequest`."""
+        """Run ``requests`` together: a log-probability tensor for each :class:`Query`,
+        the sampled ids (eos left out) for each :class:`SampleRequest`. Their adapters
+        must be registered (:meth:`add_lora`)."""
         with self._lock:
-            return self._run(requests)
+            # A request whose adapter was removed after it was submitted fails alone.
+            stale = {i: r.adapter for i, r in enumerate(requests) if r.adapter is not None and r.adapter not in self._loras}
+            if not stale:
+                return self._run(requests)
+            ran = iter(self._run([r for i, r in enumerate(requests) if i not in stale]))
+            return [RequestFailed.adapter_removed(stale[i]) if i in stale else next(ran) for i in range(len(requests))]
 
     def _run(self, requests: Sequence[Request]) -> list[Any]:
         results: list[Any] = [None] * len(requests)
@@ -238,41 +296,45 @@ class VLLMEngine:
         waiting: set[str] = set()  # added and not finished
         idle, self._sessions = self._sessions, {}
         try:
-            for i, request in enumerate(requests):
-                sampling = isinstance(request, SampleRequest)
-                if sampling and request.max_tokens == 0:
-                    results[i] = []
-                    continue
-                claim = None if sampling else self._claim(request, idle)
-                rid = claim[0] if claim else self._add(request)
-                # Recorded before a resume, so that a failure while resuming retires it.
-                where[rid] = i
-                waiting.add(rid)
-                if sampling:
-                    sampled[rid] = []
-                if claim:
-                    self._resume(*claim)
-            # Sessions this batch did not continue will not be continued later
-            # either (in SIS every particle moves each step): free their blocks.
-            self._retire(list(idle.values()))
-            idle.clear()
-            while waiting:
-                for output in self._core.get_output().outputs:
-                    rid = output.request_id
-                    if rid not in waiting:
+            rounds = self._rounds(requests)
+            for n, round_ in enumerate(rounds):
+                for i in round_:
+                    request = requests[i]
+                    sampling = isinstance(request, SampleRequest)
+                    if sampling and request.max_tokens == 0:
+                        results[i] = []
                         continue
-                    if output.num_nans_in_logits:
-                        raise FloatingPointError(f"vLLM's logits held {output.num_nans_in_logits} NaNs")
-                    if output.prefill_stats is not None:
-                        self.stats.tokens_cached += output.prefill_stats.num_cached_tokens
-                    if rid in sampled:
-                        sampled[rid].extend(output.new_token_ids)
-                    elif output.new_logprobs is not None:
-                        results[where[rid]] = self._logprobs(output)
-                    if output.finish_reason is not None:
-                        waiting.discard(rid)
-                        if rid not in sampled and results[where[rid]] is None:
-                            raise RuntimeError(f"vLLM ended a request without its logprobs ({output.finish_reason})")
+                    claim = None if sampling else self._claim(request, idle)
+                    rid = claim[0] if claim else self._add(request)
+                    # Recorded before a resume, so that a failure while resuming retires it.
+                    where[rid] = i
+                    waiting.add(rid)
+                    if sampling:
+                        sampled[rid] = []
+                    if claim:
+                        self._resume(*claim)
+                if n == len(rounds) - 1:
+                    # Sessions this batch did not continue will not be continued later
+                    # either (in SIS every particle moves each step): free their blocks.
+                    self._retire(list(idle.values()))
+                    idle.clear()
+                while waiting:
+                    for output in self._core.get_output().outputs:
+                        rid = output.request_id
+                        if rid not in waiting:
+                            continue
+                        if output.num_nans_in_logits:
+                            raise FloatingPointError(f"vLLM's logits held {output.num_nans_in_logits} NaNs")
+                        if output.prefill_stats is not None:
+                            self.stats.tokens_cached += output.prefill_stats.num_cached_tokens
+                        if rid in sampled:
+                            sampled[rid].extend(output.new_token_ids)
+                        elif output.new_logprobs is not None:
+                            results[where[rid]] = self._logprobs(output)
+                        if output.finish_reason is not None:
+                            waiting.discard(rid)
+                            if rid not in sampled and results[where[rid]] is None:
+                                raise RuntimeError(f"vLLM ended a request without its logprobs ({output.finish_reason})")
         except BaseException:
             # Leave the engine with nothing of this batch in flight or idle.
             self._retire(list(idle.values()) + [rid for rid in where if rid not in sampled or rid in waiting])
