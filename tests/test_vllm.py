@@ -84,6 +84,12 @@ def test_the_engine_is_set_up_for_full_vocabulary_logprobs(vllm_lm):
     assert len(vllm_lm.byte_vocab) == vllm_lm.vocab_size
 
 
+def test_underlying_model_is_the_in_process_engines_torch_model(vllm_lm):
+    model = vllm_lm.underlying_model
+    assert isinstance(model, torch.nn.Module)
+    assert model.get_input_embeddings().weight.shape[0] == vllm_lm.vocab_size
+
+
 @pytest.mark.parametrize("run", [anyio.run, trio.run], ids=["asyncio", "trio"])
 def test_logprobs_agree_with_transformers_for_a_mixed_batch(vllm_lm, hf_lm, run):
     seqs = mixed_batch(vllm_lm)

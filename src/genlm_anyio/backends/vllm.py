@@ -61,6 +61,11 @@ class AsyncVirtualLM(AsyncLM):
             )
         return ids
 
+    @property
+    def underlying_model(self) -> Any:
+        """The engine's torch model, for advanced use (in-process engines only; RuntimeError otherwise)."""
+        return self.engine.model()
+
     def _batch_logprobs(self, batch: Sequence[Request]) -> list[Any]:  # type: ignore[override]
         return self.engine.run(batch)
 

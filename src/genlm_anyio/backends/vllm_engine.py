@@ -155,6 +155,16 @@ class VLLMEngine:
         """The engine's Hugging Face tokenizer."""
         return self._engine.get_tokenizer()
 
+    def model(self) -> Any:
+        """The torch model of an in-process engine's one worker."""
+        try:
+            return self._core.engine_core.model_executor.driver_worker.worker.model_runner.model
+        except AttributeError:
+            raise RuntimeError(
+                "the model is not in this process: the engine runs its workers in other processes "
+                "(the multiprocess engine, or tensor/pipeline parallelism)"
+            ) from None
+
     # -- LoRA adapters ------------------------------------------------------------------
     def add_lora(self, adapter: Adapter) -> None:
         """Load ``adapter``'s weights into the engine (vLLM id: its serial)."""
