@@ -9,6 +9,8 @@ many cases it tried (``pytest -s``).
 """
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -60,6 +62,7 @@ DTYPES = [("numpy", "float32"), ("numpy", "float64"), ("numpy", ">f8"), ("numpy"
           ("numpy", "float16"), ("numpy", "longdouble"), ("torch", "float32"), ("torch", "float64"),
           ("torch", "float16"), ("torch", "bfloat16")]
 METHODS = ["weight_sum", "weight_max", "weight_logsumexp"]
+METHODS += ["batch_" + m for m in METHODS]
 
 
 def as_sent(kind: str, dtype: str, values: list[float]) -> np.ndarray:
@@ -72,18 +75,21 @@ def as_sent(kind: str, dtype: str, values: list[float]) -> np.ndarray:
 
 @np.errstate(invalid="ignore")
 def reference(method: str, ws: np.ndarray) -> float:
-    if method == "weight_sum":
+    """``method``'s value at one node from the weights of the tokens under it (never empty)."""
+    if method.endswith("weight_sum"):
         return float(np.sum(ws))
-    if method == "weight_max":
-        return float(np.max(ws)) if len(ws) else float("-inf")
-    return float(np.logaddexp.reduce(ws)) if len(ws) else float("-inf")
+    if method.endswith("weight_max"):
+        return float(np.max(ws))
+    return float(np.logaddexp.reduce(ws))
 
 
 @st.composite
 def cases(draw):
     vocab = draw(st.lists(st.binary(max_size=4).map(lambda b: bytes(c % 3 + 97 for c in b)), min_size=1, max_size=16))
-    values = draw(st.lists(VALUES, min_size=len(vocab), max_size=len(vocab)))
-    return vocab, values, draw(st.sampled_from(DTYPES)), draw(st.sampled_from(METHODS))
+    method = draw(st.sampled_from(METHODS))
+    row = st.lists(VALUES, min_size=len(vocab), max_size=len(vocab))
+    values = draw(st.lists(row, min_size=1, max_size=3)) if method.startswith("batch_") else draw(row)
+    return vocab, values, draw(st.sampled_from(DTYPES)), method
 
 
 def test_fuzz_weight_functions(sandbox):
@@ -96,20 +102,25 @@ def test_fuzz_weight_functions(sandbox):
         count += 1
         vocab, values, (kind, dtype), method = c
         reply = sandbox.call("trie", vocab, method, (kind, values, dtype))
-        sent = as_sent(kind, dtype, values)
-        nans = np.flatnonzero(np.isnan(sent))
-        if len(nans):
-            # A NaN weight is refused, named by its first position.
-            assert reply[:2] == ("error", "ValueError") and f"token {nans[0]}" in reply[2], reply
+        sent = np.atleast_2d(as_sent(kind, dtype, values))
+        if np.isnan(sent).any():
+            # A NaN weight is refused, named by its row and its first position in that row.
+            assert reply[:2] == ("error", "ValueError"), reply
+            named = re.search(r"row (\d+), token (\d+)", reply[2])
+            assert named, reply
+            row, token = map(int, named.groups())
+            assert np.flatnonzero(np.isnan(sent[row]))[0] == token, reply
             return
         assert reply[0] == "ok", reply
         out, prefixes = reply[1]
         assert sorted(prefixes) == sorted({t[:k] for t in vocab for k in range(len(t) + 1)})
-        for node, prefix in enumerate(prefixes):
-            under = sent[[i for i, t in enumerate(vocab) if t.startswith(prefix)]]
-            want = reference(method, under)
-            scale = np.sum(np.abs(under[np.isfinite(under)]))
-            assert out[node] == pytest.approx(want, rel=1e-9, abs=1e-12 * scale, nan_ok=True), (prefix, method, under)
+        assert out.shape == ((len(sent),) if method.startswith("batch_") else ()) + (len(prefixes),)
+        for row, got in zip(sent, np.atleast_2d(out)):
+            for node, prefix in enumerate(prefixes):
+                under = row[[i for i, t in enumerate(vocab) if t.startswith(prefix)]]
+                want = reference(method, under)
+                scale = np.sum(np.abs(under[np.isfinite(under)]))
+                assert got[node] == pytest.approx(want, rel=1e-9, abs=1e-12 * scale, nan_ok=True), (prefix, method, under)
 
     case()
     print(f"\n[fuzz] trie weight functions: {count} cases")

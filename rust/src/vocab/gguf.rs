@@ -46,6 +46,18 @@ pub const MAX_DEPTH: usize = 64;
 /// Up to this many items are reserved ahead; longer arrays grow as items are read.
 const RESERVE_CAP: u64 = 1 << 16;
 
+/// The longest key the GGUF format allows.
+pub const MAX_KEY_BYTES: u64 = (1 << 16) - 1;
+
+/// The longest string kept (the model name, a token's piece); longer ones are
+/// corruption. Bounding what is kept bounds memory even for a multi-gigabyte file.
+pub const MAX_KEPT_STRING_BYTES: u64 = 1 << 20;
+
+/// The most tokens a vocabulary may have: 16 times the largest in use (262,144).
+/// Each token costs about 100 bytes on its way to Python, so this bounds that
+/// overhead to ~400 MB whatever the file claims.
+pub const MAX_TOKENS: u64 = 1 << 22;
+
 const TYPE_STRING: u32 = 8;
 const TYPE_ARRAY: u32 = 9;
 
@@ -114,10 +126,13 @@ impl<R: Read> Reader<R> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
 
-    /// A count of items of at least `item_size` bytes each, backed by the bytes left.
-    fn count(&mut self, what: &str, item_size: u64) -> Result<u64, GgufError> {
+    /// A count of at most `max` items of at least `item_size` bytes each, backed by the bytes left.
+    fn count(&mut self, what: &str, item_size: u64, max: u64) -> Result<u64, GgufError> {
         let at = self.offset;
         let n = self.u64()?;
+        if n > max {
+            return Err(GgufError::Format(format!("{what} at byte {at} claims {n} items, more than the {max} allowed")));
+        }
         match n.checked_mul(item_size) {
             Some(need) if need <= self.remaining() => Ok(n),
             _ => Err(GgufError::Format(format!(
@@ -142,8 +157,9 @@ impl<R: Read> Reader<R> {
         Ok(())
     }
 
-    fn string(&mut self) -> Result<Vec<u8>, GgufError> {
-        let n = self.count("string", 1)?;
+    /// A string of at most `max` bytes.
+    fn string(&mut self, max: u64) -> Result<Vec<u8>, GgufError> {
+        let n = self.count("string", 1, max)?;
         // `count` checked that the file holds these n bytes.
         let mut buf = vec![0u8; n as usize];
         self.fill(&mut buf)?;
@@ -158,7 +174,7 @@ impl<R: Read> Reader<R> {
     fn array_header(&mut self) -> Result<(u32, u64), GgufError> {
         let item = self.u32()?;
         let size = min_size(item).ok_or_else(|| self.unknown_type(item))?;
-        Ok((item, self.count("array", size)?))
+        Ok((item, self.count("array", size, u64::MAX)?))
     }
 
     /// Pass over one value of type `ty`, walking nested arrays with an explicit stack.
@@ -169,7 +185,7 @@ impl<R: Read> Reader<R> {
         loop {
             match ty {
                 TYPE_STRING => {
-                    let n = self.count("string", 1)?;
+                    let n = self.count("string", 1, u64::MAX)?;
                     self.skip(n)?;
                 }
                 TYPE_ARRAY => {
@@ -204,6 +220,7 @@ impl<R: Read> Reader<R> {
         }
     }
 
+    /// A value of integer type `ty`; `None` past `i64::MAX` (or for a type the caller let through that is not an integer).
     fn integer(&mut self, ty: u32) -> Result<Option<i64>, GgufError> {
         Ok(match ty {
             0 => Some(u8::from_le_bytes(self.bytes()?).into()),
@@ -218,34 +235,33 @@ impl<R: Read> Reader<R> {
         })
     }
 
-    fn expect_array(&mut self, key: &str, ty: u32) -> Result<(u32, u64), GgufError> {
+    /// The header of a per-token array of `wanted` items: its item type and count.
+    fn token_array(&mut self, key: &str, ty: u32, wanted: &str, ok: impl Fn(u32) -> bool) -> Result<(u32, u64), GgufError> {
         if ty != TYPE_ARRAY {
             return Err(GgufError::Format(format!("{key:?} is not an array (type {ty})")));
         }
-        self.array_header()
+        let item = self.u32()?;
+        if !ok(item) {
+            return Err(GgufError::Format(format!("{key:?} holds type {item}, not {wanted}")));
+        }
+        let size = min_size(item).ok_or_else(|| self.unknown_type(item))?;
+        Ok((item, self.count("array", size, MAX_TOKENS)?))
     }
 
     fn string_array(&mut self, key: &str, ty: u32) -> Result<Vec<Vec<u8>>, GgufError> {
-        let (item, n) = self.expect_array(key, ty)?;
-        if item != TYPE_STRING {
-            return Err(GgufError::Format(format!("{key:?} holds type {item}, not strings")));
-        }
+        let (_, n) = self.token_array(key, ty, "strings", |t| t == TYPE_STRING)?;
         let mut out = Vec::with_capacity(n.min(RESERVE_CAP) as usize);
         for _ in 0..n {
-            out.push(self.string()?);
+            out.push(self.string(MAX_KEPT_STRING_BYTES)?);
         }
         Ok(out)
     }
 
     fn int_array(&mut self, key: &str, ty: u32) -> Result<Vec<i32>, GgufError> {
-        let (item, n) = self.expect_array(key, ty)?;
+        let (item, n) = self.token_array(key, ty, "integers", |t| matches!(t, 0..=5 | 10 | 11))?;
         let mut out = Vec::with_capacity(n.min(RESERVE_CAP) as usize);
         for i in 0..n {
-            let value = match self.integer(item)? {
-                Some(v) => i32::try_from(v).ok(),
-                None if fixed_size(item).is_some() => None,
-                None => return Err(GgufError::Format(format!("{key:?} holds type {item}, not integers"))),
-            };
+            let value = self.integer(item)?.and_then(|v| i32::try_from(v).ok());
             out.push(value.ok_or_else(|| GgufError::Format(format!("{key:?} item {i} is not a 32-bit integer")))?);
         }
         Ok(out)
@@ -274,10 +290,10 @@ pub fn tokenizer_from_reader<R: Read + Seek>(mut inner: R) -> Result<GgufTokeniz
     }
     let _tensor_count = r.u64()?;
     // A key/value pair is at least a key length, a type and a one-byte value.
-    let n = r.count("metadata", 8 + 4 + 1)?;
+    let n = r.count("metadata", 8 + 4 + 1, u64::MAX)?;
     let (mut model, mut tokens, mut token_types) = (None, None, None);
     for _ in 0..n {
-        let key = String::from_utf8_lossy(&r.string()?).into_owned();
+        let key = String::from_utf8_lossy(&r.string(MAX_KEY_BYTES)?).into_owned();
         let ty = r.u32()?;
         let duplicate = |key: &str| GgufError::Format(format!("duplicate key {key:?}"));
         let mut read = |r: &mut Reader<R>| -> Result<(), GgufError> {
@@ -287,7 +303,7 @@ pub fn tokenizer_from_reader<R: Read + Seek>(mut inner: R) -> Result<GgufTokeniz
                     if ty != TYPE_STRING {
                         return Err(GgufError::Format(format!("{key:?} is not a string (type {ty})")));
                     }
-                    model = Some(String::from_utf8_lossy(&r.string()?).into_owned());
+                    model = Some(String::from_utf8_lossy(&r.string(MAX_KEPT_STRING_BYTES)?).into_owned());
                     Ok(())
                 }
                 "tokenizer.ggml.tokens" if tokens.is_some() => Err(duplicate(&key)),
@@ -445,9 +461,18 @@ mod tests {
         let wide = file(&[("k", 9, nested(130, 1 << 20))]);
         assert!(err(&wide).contains("claims 1048576 items of at least 12 bytes"), "{}", err(&wide));
         let mut tokens = 8u32.to_le_bytes().to_vec();
-        tokens.extend((1u64 << 40).to_le_bytes());
+        tokens.extend(MAX_TOKENS.to_le_bytes());
         let claim = file(&[("tokenizer.ggml.tokens", 9, tokens)]);
-        assert!(err(&claim).contains("claims 1099511627776 items of at least 8 bytes"), "{}", err(&claim));
+        assert!(err(&claim).contains("claims 4194304 items of at least 8 bytes"), "{}", err(&claim));
+        let mut many = 8u32.to_le_bytes().to_vec();
+        many.extend((MAX_TOKENS + 1).to_le_bytes());
+        let many = file(&[("tokenizer.ggml.tokens", 9, many)]);
+        assert!(err(&many).contains("claims 4194305 items, more than the 4194304 allowed"), "{}", err(&many));
+        let long_piece = vec![b'x'; MAX_KEPT_STRING_BYTES as usize + 1];
+        let long = file(&[("tokenizer.ggml.tokens", 9, str_array(&[&long_piece]))]);
+        assert!(err(&long).contains("claims 1048577 items, more than the 1048576 allowed"), "{}", err(&long));
+        let long_key = "k".repeat(MAX_KEY_BYTES as usize + 1);
+        assert!(err(&file(&[(&long_key, 7, vec![1])])).contains("more than the 65535 allowed"));
         let mut metadata = file(&[]);
         metadata[16..24].copy_from_slice(&u64::MAX.to_le_bytes());
         assert!(err(&metadata).contains("metadata at byte 16 claims"), "{}", err(&metadata));
