@@ -22,6 +22,7 @@ demo: setup
 
 test-rust: setup
 	cargo test --release --quiet
+	PYO3_PYTHON=$(PY) cargo test --release --quiet --lib --features python py::
 
 test-python: assets
 	$(PY) -m pytest -q
