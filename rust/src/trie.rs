@@ -694,7 +694,7 @@ fn find_duplicate<S: Symbol>(words: &[&[S]], keys: &[WordKey], order: &[u32]) ->
             group.sort_unstable();
             for pair in group.windows(2) {
                 let ((ka, a), (kb, b)) = (pair[0], pair[1]);
-                if ka == kb && ka != WordKey::Other && best.map_or(true, |(_, later)| (b as usize) < later) {
+                if ka == kb && ka != WordKey::Other && best.is_none_or(|(_, later)| (b as usize) < later) {
                     best = Some((a as usize, b as usize));
                 }
             }
