@@ -226,6 +226,17 @@ def test_random_vocabularies_against_reference(vocab, seed):
             np.testing.assert_array_equal(np.flatnonzero(trie.mask_prefix_of(data)), want)
 
 
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(vocab=vocabs, eos_at=st.none() | st.integers(0, 60), seed=st.integers(0, 2**32 - 1))
+def test_random_vocabularies_against_genlm_backend(vocab, eos_at, seed):
+    # Tokens with repeated bytes (distinct ids), and maybe an end-of-sequence entry.
+    vocab = [Token(i, b) for i, b in enumerate(vocab)]
+    if eos_at is not None:
+        vocab.insert(min(eos_at, len(vocab)), EndOfSequence())
+    trie = TokenCharacterTrie(vocab)
+    assert_same_as_genlm_backend(vocab, trie, np.random.default_rng(seed).random(len(vocab)))
+
+
 def test_bad_input_raises_value_or_type_errors_naming_it(gpt2_trie):
     vocab, trie = gpt2_trie
     V = len(vocab)

@@ -54,6 +54,11 @@ pub enum WordKey {
     /// Anything else; the caller checks these for duplicates.
     Other,
 }
+/// A symbol type entries can be given in: bytes (the fast path) or `u32`.
+pub trait Symbol: Copy + Ord + Into<u32> + Sync {}
+impl Symbol for u8 {}
+impl Symbol for u32 {}
+
 /// An input weight type.
 pub trait Weight: Copy + Send + Sync {
     fn to_f64(self) -> f64;
@@ -192,8 +197,8 @@ pub struct Trie {
     /// Chains: maximal runs of consecutive nodes in which every node but the
     /// first has exactly one child (the node before it), so all of a chain's
     /// nodes have the same entries under them. Reductions compute one value per
-    /// chain. Chains are numbered in node order, so a chain's parent chain has a
-    /// larger id and the root's chain is the last.
+    /// chain. Chains are numbered in node order, so a
+    /// chain's parent chain has a larger id and the root's chain is the last.
     chain_parent: Vec<u32>,
     node_chain: Vec<u32>,
     token_chain: Vec<u32>,
@@ -204,14 +209,12 @@ pub struct Trie {
 impl Trie {
     /// The trie of byte strings (one per entry; no duplicate check).
     pub fn new(tokens: &[&[u8]]) -> Trie {
-        let words: Vec<Vec<u32>> = tokens.iter().map(|t| t.iter().map(|&b| u32::from(b)).collect()).collect();
-        let refs: Vec<&[u32]> = words.iter().map(Vec::as_slice).collect();
-        Trie::from_words(&refs, &vec![WordKey::Other; tokens.len()])
+        Trie::from_words(tokens, &vec![WordKey::Other; tokens.len()])
     }
 
-    /// The trie of symbol strings `words`, with `keys[i]` saying when entry `i`
-    /// duplicates another (see [`Trie::duplicate`]).
-    pub fn from_words(words: &[&[u32]], keys: &[WordKey]) -> Trie {
+    /// The trie of symbol strings `words` (bytes, or `u32` symbols), with
+    /// `keys[i]` saying when entry `i` duplicates another (see [`Trie::duplicate`]).
+    pub fn from_words<S: Symbol>(words: &[&[S]], keys: &[WordKey]) -> Trie {
         assert_eq!(words.len(), keys.len(), "one key per word");
         let v = words.len();
         let mut order: Vec<u32> = (0..v as u32).collect();
@@ -224,7 +227,7 @@ impl Trie {
         let mut token_lex = vec![0u32; v];
         // `path[d]` is the lex node of the current prefix of length d.
         let mut path: Vec<u32> = vec![0];
-        let mut prev: &[u32] = &[];
+        let mut prev: &[S] = &[];
         for &t in &order {
             let word = words[t as usize];
             let common = word.iter().zip(prev).take_while(|(a, b)| a == b).count();
@@ -235,7 +238,7 @@ impl Trie {
             for &s in &word[common..] {
                 let id = lex_parent.len() as u32;
                 lex_parent.push(*path.last().unwrap());
-                lex_sym.push(s);
+                lex_sym.push(s.into());
                 lex_end.push(0);
                 path.push(id);
             }
@@ -284,14 +287,20 @@ impl Trie {
         let mut token_leaf = vec![0u32; v];
         let mut parts: Vec<(u32, bool, u32)> = Vec::new();
         for x in 0..l {
+            let mut cursor = start[x];
+            let (lo, hi) = (child_start[x] as usize, child_start[x + 1] as usize);
+            if lo == hi {
+                for &t in at(x) {
+                    token_leaf[t as usize] = cursor;
+                    cursor += 1;
+                }
+                lex_node[x] = cursor;
+                continue;
+            }
             parts.clear();
             parts.extend(at(x).iter().map(|&t| (t, true, t)));
-            let (lo, hi) = (child_start[x] as usize, child_start[x + 1] as usize);
             parts.extend(child_lex[lo..hi].iter().map(|&c| (first[c as usize], false, c)));
-            if hi > lo {
-                parts.sort_unstable_by_key(|p| p.0);
-            }
-            let mut cursor = start[x];
+            parts.sort_unstable_by_key(|p| p.0);
             for &(_, leaf, id) in &parts {
                 if leaf {
                     token_leaf[id as usize] = cursor;
@@ -501,7 +510,8 @@ impl Trie {
     /// One row into `out`: each entry's weight into its leaf's chain, each chain
     /// (children first) into its parent chain, then every node gets its chain's
     /// value. Three loops of fixed length and no data-dependent branches; the
-    /// last one reads the chains in order.
+    /// last one reads the chains in order. (Filling each chain's id range
+    /// instead is 3x slower: most chains are one or two nodes long.)
     fn fold_row<R: Reduce, W: Weight>(&self, ws: &[W], out: &mut [f64]) {
         let mut acc = vec![R::EMPTY; self.chain_parent.len()];
         for (&chain, w) in self.token_chain.iter().zip(ws) {
@@ -668,7 +678,7 @@ fn prefix_counts(n: usize, items: impl Iterator<Item = usize>) -> Vec<u32> {
 }
 
 /// See [`Trie::duplicate`]; `order` sorts the entries by (symbols, index).
-fn find_duplicate(words: &[&[u32]], keys: &[WordKey], order: &[u32]) -> Option<(usize, usize)> {
+fn find_duplicate<S: Symbol>(words: &[&[S]], keys: &[WordKey], order: &[u32]) -> Option<(usize, usize)> {
     let mut best: Option<(usize, usize)> = None;
     let mut group: Vec<(WordKey, u32)> = Vec::new();
     let mut i = 0;
@@ -684,7 +694,7 @@ fn find_duplicate(words: &[&[u32]], keys: &[WordKey], order: &[u32]) -> Option<(
             group.sort_unstable();
             for pair in group.windows(2) {
                 let ((ka, a), (kb, b)) = (pair[0], pair[1]);
-                if ka == kb && ka != WordKey::Other && best.map_or(true, |(_, later)| (b as usize) < later) {
+                if ka == kb && ka != WordKey::Other && best.is_none_or(|(_, later)| (b as usize) < later) {
                     best = Some((a as usize, b as usize));
                 }
             }

@@ -71,7 +71,7 @@ fn bytes_key(item: &PyAny) -> PyResult<WordKey> {
     if PyBytes::is_exact_type_of(item) {
         return Ok(WordKey::Plain);
     }
-    match item.getattr("token_id") {
+    match item.getattr(pyo3::intern!(item.py(), "token_id")) {
         Ok(id) if id.downcast::<PyLong>().is_ok() => Ok(WordKey::Token(id.extract::<i64>()?)),
         _ => Ok(WordKey::Plain),
     }
@@ -84,18 +84,20 @@ impl PyTrie {
     /// more for non-bytes symbols).
     #[new]
     fn new(py: Python<'_>, items: &PyAny, encode: &PyAny) -> PyResult<Self> {
-        let mut flat: Vec<u32> = Vec::new();
+        // Bytes go into `flat`; the symbols of other entries into `encoded`, and
+        // only then does the build run over u32 symbols instead of bytes.
+        let mut flat: Vec<u8> = Vec::new();
         let mut ends: Vec<usize> = Vec::new();
+        let mut encoded: Vec<(usize, Vec<u32>)> = Vec::new();
         let mut keys: Vec<WordKey> = Vec::new();
         let mut first_plain = None;
         for (i, item) in items.iter()?.enumerate() {
             let item = item?;
             let key = if let Ok(bytes) = item.downcast::<PyBytes>() {
-                flat.extend(bytes.as_bytes().iter().map(|&b| u32::from(b)));
+                flat.extend_from_slice(bytes.as_bytes());
                 bytes_key(item)?
             } else {
-                let symbols: Vec<u32> = encode.call1((i, item))?.extract()?;
-                flat.extend(symbols);
+                encoded.push((i, encode.call1((i, item))?.extract()?));
                 WordKey::Other
             };
             if key == WordKey::Plain && first_plain.is_none() {
@@ -106,7 +108,7 @@ impl PyTrie {
         }
         let inner = py.allow_threads(|| {
             let mut lo = 0;
-            let words: Vec<&[u32]> = ends
+            let byte_words: Vec<&[u8]> = ends
                 .iter()
                 .map(|&hi| {
                     let w = &flat[lo..hi];
@@ -114,7 +116,15 @@ impl PyTrie {
                     w
                 })
                 .collect();
-            Trie::from_words(&words, &keys)
+            if encoded.is_empty() {
+                return Trie::from_words(&byte_words, &keys);
+            }
+            let mut words: Vec<Vec<u32>> = byte_words.iter().map(|w| w.iter().map(|&b| u32::from(b)).collect()).collect();
+            for (i, symbols) in encoded {
+                words[i] = symbols;
+            }
+            let refs: Vec<&[u32]> = words.iter().map(Vec::as_slice).collect();
+            Trie::from_words(&refs, &keys)
         });
         Ok(PyTrie { inner, first_plain })
     }

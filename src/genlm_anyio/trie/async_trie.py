@@ -1,7 +1,7 @@
 """Autobatched trie reductions for concurrent tasks."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Awaitable, Sequence
 
 import anyio
 import numpy as np
@@ -84,22 +84,30 @@ class AsyncTokenCharacterTrie:
                         results[i] = exc
         return [results[i] for i in range(len(batch))]
 
-    async def _submit(self, op: str, ws: Any) -> np.ndarray:
+    async def _queue_request(self, ws: Any, op: str) -> Awaitable[np.ndarray]:
+        """Check one request and return an awaitable of its result (the two steps
+        genlm-backend's ``_queue_request`` and its future take)."""
+        if op not in _OPS:
+            raise ValueError(f"op must be one of {_OPS}, not {op!r}")
         arr = float_array(ws, "ws", 1, self.trie.vocab_size)
         self.start()
         assert self._batcher is not None
-        result = await self._batcher.submit(_Request(op, arr))
+        return self._result(self._batcher.submit(_Request(op, arr)))
+
+    @staticmethod
+    async def _result(pending: Awaitable[Any]) -> np.ndarray:
+        result = await pending
         if isinstance(result, Exception):
             raise result
         return result
 
     async def weight_sum(self, ws: Any) -> np.ndarray:
         """:meth:`TokenCharacterTrie.weight_sum`, batched with concurrent calls."""
-        return await self._submit("sum", ws)
+        return await (await self._queue_request(ws, "sum"))
 
     async def weight_max(self, ws: Any) -> np.ndarray:
         """:meth:`TokenCharacterTrie.weight_max`, batched with concurrent calls."""
-        return await self._submit("max", ws)
+        return await (await self._queue_request(ws, "max"))
 
     @property
     def batch_stats(self):
