@@ -46,9 +46,11 @@ def weights(spec):
 
 
 def trie(vocab, method, spec):
-    t = genlm_anyio.TokenCharacterTrie(vocab)
+    # Tokens: entries with equal bytes are distinct (genlm-backend's layout gives each its own leaf).
+    t = genlm_anyio.TokenCharacterTrie([genlm_anyio.Token(i, b) for i, b in enumerate(vocab)])
     out = getattr(t, method)(weights(spec))
-    return np.asarray(out, dtype=np.float64), [t.prefix(n) for n in range(t.num_nodes)]
+    leaves = [t.token_node(i) for i in range(len(vocab))]
+    return np.asarray(out, dtype=np.float64), [t.prefix(n) for n in range(t.num_nodes)], leaves
 
 
 OPS = {"json": byte_vocab_from_tokenizer_json, "gguf": byte_vocab_from_gguf, "trie": trie}

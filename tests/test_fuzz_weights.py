@@ -34,7 +34,7 @@ def sandbox():
 @pytest.mark.parametrize("dtype", [">f8", np.longdouble])
 def test_non_native_float64_weights_are_not_narrowed(dtype):
     """Big-endian float64 and longdouble were narrowed to float32: 1e-300 summed to 0.0."""
-    trie = genlm_anyio.TokenCharacterTrie([b"a", b"ab", b"b"])
+    trie = genlm_anyio.TokenCharacterTrie([genlm_anyio.Token(i, b) for i, b in enumerate([b"a", b"ab", b"b"])])
     ws = np.full(3, 1e-300, dtype=dtype)
     sums = trie.weight_sum(ws)
     assert sums[trie.root] == pytest.approx(3e-300, rel=1e-12)
@@ -45,7 +45,7 @@ def test_non_native_float64_weights_are_not_narrowed(dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_tensors_widen_exactly(dtype):
-    trie = genlm_anyio.TokenCharacterTrie([b"a", b"ab", b"b"])
+    trie = genlm_anyio.TokenCharacterTrie([genlm_anyio.Token(i, b) for i, b in enumerate([b"a", b"ab", b"b"])])
     ws = torch.tensor([0.1, 0.2, 0.3], dtype=dtype)
     want = ws.double().numpy()
     assert trie.weight_sum(ws)[trie.root] == want.sum()
@@ -104,20 +104,27 @@ def test_fuzz_weight_functions(sandbox):
         reply = sandbox.call("trie", vocab, method, (kind, values, dtype))
         sent = np.atleast_2d(as_sent(kind, dtype, values))
         if np.isnan(sent).any():
-            # A NaN weight is refused, named by its row and its first position in that row.
+            # A NaN weight is refused, named by its position (and its row, in a batch).
             assert reply[:2] == ("error", "ValueError"), reply
-            named = re.search(r"row (\d+), token (\d+)", reply[2])
+            named = re.search(r"(?:row (\d+), )?token (\d+)", reply[2])
             assert named, reply
-            row, token = map(int, named.groups())
+            row, token = int(named.group(1) or 0), int(named.group(2))
             assert np.flatnonzero(np.isnan(sent[row]))[0] == token, reply
             return
         assert reply[0] == "ok", reply
-        out, prefixes = reply[1]
-        assert sorted(prefixes) == sorted({t[:k] for t in vocab for k in range(len(t) + 1)})
+        out, prefixes, leaves = reply[1]
+        # genlm-backend's layout: a node per distinct prefix, plus a leaf per entry.
+        inner = [p for n, p in enumerate(prefixes) if n not in set(leaves)]
+        assert sorted(inner) == sorted({t[:k] for t in vocab for k in range(len(t) + 1)})
+        assert len(set(leaves)) == len(vocab) and [prefixes[n] for n in leaves] == vocab
         assert out.shape == ((len(sent),) if method.startswith("batch_") else ()) + (len(prefixes),)
+        entry_of = {node: i for i, node in enumerate(leaves)}
         for row, got in zip(sent, np.atleast_2d(out)):
             for node, prefix in enumerate(prefixes):
-                under = row[[i for i, t in enumerate(vocab) if t.startswith(prefix)]]
+                if node in entry_of:
+                    under = row[[entry_of[node]]]
+                else:
+                    under = row[[i for i, t in enumerate(vocab) if t.startswith(prefix)]]
                 want = reference(method, under)
                 scale = np.sum(np.abs(under[np.isfinite(under)]))
                 assert got[node] == pytest.approx(want, rel=1e-9, abs=1e-12 * scale, nan_ok=True), (prefix, method, under)
