@@ -27,9 +27,11 @@ worker asleep.
 """
 from __future__ import annotations
 
+import atexit
 import copy
 import inspect
 import threading
+import time
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Generic, Hashable, Sequence, TypeVar
@@ -43,6 +45,8 @@ R = TypeVar("R")
 
 # A leader yields at most this many times while the queue keeps growing.
 _MAX_GATHER_ROUNDS = 64
+# At interpreter exit, running batches may finish for this many seconds in all.
+_EXIT_WAIT = 10.0
 
 
 class ClosedError(RuntimeError):
@@ -123,6 +127,22 @@ def _loop_waker(callback: Callable[[], None]) -> Callable[[], None]:
     raise RuntimeError(f"unsupported async library {library!r}")
 
 
+_live: "weakref.WeakSet[Batcher]" = weakref.WeakSet()
+
+
+@atexit.register
+def _close_at_exit() -> None:
+    """Stop every worker before the interpreter finalizes: a daemon thread still
+    inside torch while the process destroys torch's static objects aborts it
+    (``terminate called without an active exception``, e.g. after Ctrl-C)."""
+    batchers = list(_live)
+    for batcher in batchers:
+        batcher.close(timeout=0)  # nothing new starts anywhere
+    deadline = time.monotonic() + _EXIT_WAIT
+    for batcher in batchers:
+        batcher.close(timeout=max(0.0, deadline - time.monotonic()))
+
+
 class Batcher(Generic[K, R]):
     """Gathers requests into batches for ``compute``, run in a worker thread.
 
@@ -170,6 +190,7 @@ class Batcher(Generic[K, R]):
         self._closed = False
         self._thread: threading.Thread | None = None
         self.stats = BatchStats()
+        _live.add(self)
 
     # -- submitting -----------------------------------------------------------------
     def _enqueue(self, key: K) -> _Request[K, R]:
