@@ -2,7 +2,12 @@
 from __future__ import annotations
 
 import asyncio
+import gc
+import random
 import threading
+import time
+import traceback
+import weakref
 
 import anyio
 import pytest
@@ -242,3 +247,217 @@ def test_bad_limits_are_refused():
         Batcher(Recorder(), max_batch_size=0)
     with pytest.raises(ValueError, match="max_batch_tokens"):
         Batcher(Recorder(), max_batch_tokens=0)
+
+
+# -- regressions (issue 8) -----------------------------------------------------------
+def test_a_batch_of_only_running_requests_does_not_strand_the_next_request(backend):
+    """Defect 0: a batch whose keys all share running requests released nothing; the
+    release outlived it and the next lone request was never led."""
+    rec = Recorder()
+    batcher = Batcher(rec)
+
+    async def main():
+        rec.gate.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.submit, 1)
+            await anyio.to_thread.run_sync(rec.started.wait)
+            tg.start_soon(batcher.submit_many, [1])  # shares the running request
+            await anyio.sleep(0.01)
+            rec.gate.set()
+        with anyio.fail_after(5):
+            return await batcher.submit(2)
+
+    assert run(backend, main) == 20
+    assert rec.batches == [[1], [2]]
+    batcher.close()
+
+
+def test_a_sync_call_of_only_running_requests_does_not_strand_the_next_request(backend):
+    rec = Recorder()
+    batcher = Batcher(rec)
+
+    async def main():
+        rec.gate.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.submit, 1)
+            await anyio.to_thread.run_sync(rec.started.wait)
+            sync = threading.Thread(target=batcher.submit_sync, args=([1],))
+            sync.start()
+            await anyio.sleep(0.01)
+            rec.gate.set()
+            await anyio.to_thread.run_sync(sync.join)
+        with anyio.fail_after(5):
+            return await batcher.submit(2)
+
+    assert run(backend, main) == 20
+    batcher.close()
+
+
+@pytest.mark.parametrize("callers, rounds", [(2, 200), (16, 40)])
+def test_mixed_calls_over_shared_keys_never_strand_a_request(backend, callers, rounds):
+    """Single, batch, sync and cancelled calls over a few shared keys, interleaved at
+    random with a compute of random length: every call that was not cancelled gets
+    its own keys' results, within a deadline."""
+    rng = random.Random(8)
+    batcher = Batcher(lambda keys: [time.sleep(rng.random() * 0.002) or k * 10 for k in keys], max_batch_size=3)
+    wrong = []
+    done = {"calls": 0, "cancelled": 0}
+
+    def check(keys, results):
+        if list(results) != [k * 10 for k in keys]:
+            wrong.append((keys, results))
+        done["calls"] += 1
+
+    async def caller(seed):
+        r = random.Random(seed)
+        for _ in range(rounds):
+            keys = [r.randrange(4) for _ in range(r.randrange(1, 4))]
+            kind = r.choice(["single", "batch", "sync", "cancelled"])
+            if kind == "single":
+                check(keys[:1], [await batcher.submit(keys[0])])
+            elif kind == "batch":
+                check(keys, await batcher.submit_many(keys))
+            elif kind == "sync":
+                check(keys, await anyio.to_thread.run_sync(batcher.submit_sync, keys))
+            else:
+                with anyio.move_on_after(r.random() * 0.003):
+                    await (batcher.submit(keys[0]) if r.random() < 0.5 else batcher.submit_many(keys))
+                done["cancelled"] += 1
+            if r.random() < 0.3:
+                await anyio.sleep(r.random() * 0.002)
+
+    async def main():
+        # Few callers leave quiet moments, where a stale release would strand one.
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tg:
+                for seed in range(callers):
+                    tg.start_soon(caller, seed)
+
+    callers, rounds = 3, 200
+    run(backend, main)
+    assert wrong == []
+    assert done["calls"] + done["cancelled"] == callers * rounds and done["calls"] > callers * rounds // 2
+    batcher.close()
+
+
+@pytest.mark.parametrize("raised", ["asyncio.CancelledError", "KeyboardInterrupt"])
+def test_a_base_exception_from_compute_fails_its_callers_as_a_runtime_error(raised):
+    """Defect 8: a CancelledError out of compute posed as the caller's own
+    cancellation under asyncio, and the caller got neither result nor error."""
+    exc_type = asyncio.CancelledError if raised == "asyncio.CancelledError" else KeyboardInterrupt
+
+    def compute(keys):
+        raise exc_type()
+
+    batcher = Batcher(compute)
+
+    async def main():
+        try:
+            await batcher.submit(1)
+        except RuntimeError as exc:
+            return exc
+        return "returned normally"
+
+    for outcome in (asyncio.run(main()), trio.run(main)):
+        assert isinstance(outcome, RuntimeError), outcome
+        assert "the batch's computation" in str(outcome) and isinstance(outcome.__cause__, exc_type)
+    with pytest.raises(RuntimeError) as info:
+        batcher.submit_sync([2])
+    assert isinstance(info.value.__cause__, exc_type)
+    batcher.close()
+
+
+def test_each_caller_of_a_failed_batch_gets_its_own_short_error(backend):
+    """Defect 10: one exception object was raised in all 128 callers; its traceback
+    grew by every caller's frames."""
+    rec = Recorder()
+    rec.fail_on = 0
+    batcher = Batcher(rec)
+    errors = []
+
+    async def ask(k):
+        try:
+            await batcher.submit(k % 100)  # 28 callers share a request with another
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+            for k in range(128):
+                tg.start_soon(ask, k)
+
+    run(backend, main)
+    assert len(rec.batches) == 1 and len(errors) == 128
+    assert len({id(e) for e in errors}) == 128
+    assert all(type(e) is RuntimeError and str(e) == "bad key 0" for e in errors)
+    cause = errors[0].__cause__
+    assert isinstance(cause, RuntimeError) and all(e.__cause__ is cause for e in errors)
+    assert max(len(traceback.extract_tb(e.__traceback__)) for e in errors) < 10
+    assert len(traceback.extract_tb(cause.__traceback__)) < 10
+    batcher.close()
+
+
+def test_an_error_that_cannot_be_copied_still_reaches_each_caller_as_its_own():
+    class Picky(Exception):
+        def __init__(self, code, *, detail):
+            super().__init__(f"{code}: {detail}")
+
+    def compute(keys):
+        raise Picky(7, detail="no")
+
+    batcher = Batcher(compute)
+    errors = []
+    for _ in range(2):
+        with pytest.raises(RuntimeError, match="Picky: 7: no") as info:
+            batcher.submit_sync([1])
+        errors.append(info.value)
+    assert errors[0] is not errors[1] and all(isinstance(e.__cause__, Picky) for e in errors)
+    batcher.close()
+
+
+class Owner:
+    def __init__(self):
+        self.batcher = Batcher(self.compute, name="owned")
+
+    def compute(self, keys):
+        return [k + 1 for k in keys]
+
+
+def test_an_owner_dropped_without_close_is_collected_and_its_worker_ends():
+    """Defect 11: the parked worker held the model through its bound compute method."""
+    owner = Owner()
+    assert owner.batcher.submit_sync([1, 2]) == [2, 3]
+    thread = owner.batcher._thread
+    ref = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert ref() is None
+    thread.join(5)
+    assert not thread.is_alive()
+
+
+def test_close_with_a_timeout_returns_while_a_batch_hangs_and_fails_its_callers(backend):
+    rec = Recorder()
+    batcher = Batcher(rec)
+    outcome = []
+
+    async def ask():
+        try:
+            outcome.append(await batcher.submit(1))
+        except ClosedError as exc:
+            outcome.append(exc)
+
+    async def main():
+        rec.gate.clear()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(ask)
+            await anyio.to_thread.run_sync(rec.started.wait)
+            stopped = await anyio.to_thread.run_sync(batcher.close, 0.1)
+        return stopped
+
+    assert run(backend, main) is False
+    assert len(outcome) == 1 and isinstance(outcome[0], ClosedError) and "still computing" in str(outcome[0])
+    rec.gate.set()  # the hung batch ends later: its result goes nowhere, the worker stops
+    batcher._thread.join(5)
+    assert not batcher._thread.is_alive()
+    assert batcher.close(0.1) is True

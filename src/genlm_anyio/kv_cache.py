@@ -11,6 +11,7 @@ leaves that no running request has pinned are evicted.
 """
 from __future__ import annotations
 
+import heapq
 from dataclasses import dataclass
 
 import torch
@@ -112,9 +113,10 @@ class PrefixKVCache:
         return keys, values
 
     # -- storing --------------------------------------------------------------------
-    def _grow(self, needed: int) -> None:
+    def _grow(self, count: int) -> None:
+        """Double the pool (up to the budget) until ``count`` slots are free."""
         size = self._size
-        while size - self.stats.in_use - 1 < needed and size < self.capacity:
+        while size - 1 - self.stats.in_use < count and size < self.capacity:
             size = min(self.capacity, size * 2)
         if size == self._size:
             return
@@ -124,52 +126,103 @@ class PrefixKVCache:
         self._free.extend(range(size - 1, self._size - 1, -1))
         self._size = size
 
-    def _evict(self, needed: int) -> None:
-        """Free at least ``needed`` slots, least recently used unpinned leaves first."""
-        while len(self._free) < needed:
-            leaves = []
-            stack = [self.root]
-            while stack:
-                node = stack.pop()
-                if node.children:
-                    stack.extend(node.children.values())
-                elif node.parent is not None and node.pins == 0:
-                    leaves.append(node)
-            if not leaves:
-                raise MemoryError(
-                    f"the KV cache budget ({self.capacity} tokens) is too small for one batch; "
-                    "raise kv_cache_bytes or lower max_batch_tokens"
-                )
-            leaves.sort(key=lambda n: n.last_used)
-            # Evict a good share at once: each scan walks the whole trie.
-            for node in leaves[: max(needed - len(self._free), len(leaves) // 4, 1)]:
-                del node.parent.children[node.token]
-                self._free.append(node.slot)
-                self.stats.tokens_evicted += 1
-                self.stats.in_use -= 1
+    def _evict(self, count: int) -> None:
+        """Evict least recently used unpinned leaves until ``count`` slots are free.
 
-    def allocate(self, count: int) -> list[int]:
-        """``count`` free slots (growing the pool or evicting as needed)."""
+        A parent left childless becomes a leaf in its turn (it was used at least as
+        recently as its children), so one walk of the trie serves the whole eviction.
+        """
+        order, stack = [], [self.root]
+        while stack:
+            node = stack.pop()
+            order.append(node)
+            stack.extend(node.children.values())
+        # Children come after their parent in ``order``: walking it backwards sees
+        # whether a node holds a pin below it before reaching the node.
+        protected: set[int] = set()
+        heap: list[tuple[int, int, _Node]] = []
+        for node in reversed(order):
+            if node.pins or any(id(child) in protected for child in node.children.values()):
+                protected.add(id(node))
+            elif not node.children and node.parent is not None:
+                heap.append((node.last_used, id(node), node))
+        if len(self._free) + len(order) - 1 - len(protected - {id(self.root)}) < count:
+            raise MemoryError(
+                f"the KV cache budget ({self.capacity} tokens) is too small for one batch beside the "
+                "pinned prefixes; raise kv_cache_bytes or lower max_batch_tokens"
+            )
+        heapq.heapify(heap)
+        while len(self._free) < count:
+            _, _, node = heapq.heappop(heap)
+            parent = node.parent
+            del parent.children[node.token]
+            self._free.append(node.slot)
+            self.stats.tokens_evicted += 1
+            self.stats.in_use -= 1
+            if not parent.children and parent.parent is not None and parent.pins == 0:
+                heapq.heappush(heap, (parent.last_used, id(parent), parent))
+
+    def _allocate(self, count: int) -> list[int]:
+        """``count`` free slots, growing the pool or else evicting; MemoryError if it cannot."""
         if len(self._free) < count:
-            self._grow(count - len(self._free))
+            self._grow(count)
         if len(self._free) < count:
             self._evict(count)
         slots = [self._free.pop() for _ in range(count)]
         self.stats.in_use += count
         return slots
 
-    def extend(self, node: _Node, tokens: list[int], slots: list[int]) -> _Node:
-        """Add the path ``tokens`` below ``node``, owning ``slots``; returns its end."""
-        for token, slot in zip(tokens, slots):
-            child = _Node(node, token, slot)
-            child.last_used = self._clock
-            node.children[token] = child
-            node = child
-        self.stats.tokens_stored += len(tokens)
-        return node
+    def store(self, paths: list[tuple[_Node, list[int]]], keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Keep the keys and values of each path of ``tokens`` below its ``node``.
 
-    def write(self, slots: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Store ``(len(slots), layers, heads, head_dim)`` keys and values in ``slots``."""
+        ``keys`` and ``values`` are ``(tokens, layers, heads, head_dim)``: the rows
+        of every path, in order. All or nothing: the slots are allocated, written
+        and linked into the trie in one step, and given back if any part fails.
+        A token some path already holds (stored meanwhile) keeps its slot.
+
+        Raises:
+            MemoryError: the budget cannot hold the new tokens beside the pinned ones
+                (nothing is stored).
+        """
+        count = sum(len(tokens) for _, tokens in paths)
+        if count == 0:
+            return
+        for node, _ in paths:  # the anchors must outlive the eviction
+            node.pins += 1
+        try:
+            slots = self._allocate(count)
+        finally:
+            for node, _ in paths:
+                node.pins -= 1
+        created: list[_Node] = []
+        try:
+            self._write(slots, keys, values)
+            offset = 0
+            for node, tokens in paths:
+                for token, slot in zip(tokens, slots[offset : offset + len(tokens)]):
+                    child = node.children.get(token)
+                    if child is None:
+                        child = _Node(node, token, slot)
+                        child.last_used = self._clock
+                        node.children[token] = child
+                        created.append(child)
+                    node = child
+                offset += len(tokens)
+        except BaseException:
+            for node in reversed(created):
+                del node.parent.children[node.token]
+            created.clear()
+            raise
+        finally:
+            owned = {node.slot for node in created}
+            unused = [slot for slot in slots if slot not in owned]
+            self._free.extend(unused)
+            self.stats.in_use -= len(unused)
+            self.stats.tokens_stored += len(created)
+
+    def _write(self, slots: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
+        if keys.shape[0] != len(slots) or values.shape[0] != len(slots):
+            raise ValueError(f"{len(slots)} slots, but {keys.shape[0]} key rows and {values.shape[0]} value rows")
         index = torch.tensor(slots, dtype=torch.long, device=self.device)
         self.keys.index_copy_(0, index, keys.to(self.dtype))
         self.values.index_copy_(0, index, values.to(self.dtype))

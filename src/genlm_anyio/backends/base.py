@@ -7,6 +7,7 @@ import abc
 import itertools
 import operator
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -146,6 +147,7 @@ class AsyncLM(abc.ABC):
         self._adapters: dict[str, Adapter] = {}
         self._adapter_serials = itertools.count(1)
         self._adapters_lock = threading.Lock()  # registration is one change at a time
+        self._released = False  # close() freed the backend's resources
         self._batcher: Batcher[Query, torch.Tensor] = Batcher(
             self._batch_logprobs,
             max_batch_size=max_batch_size,
@@ -361,15 +363,30 @@ class AsyncLM(abc.ABC):
         return results
 
     # -- lifetime ---------------------------------------------------------------------
-    def close(self) -> None:
-        """Stop the worker and free the model's caches; the object is unusable afterwards."""
-        if not self._batcher.closed:
-            self._batcher.close()
-            self._release()
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop the worker and free the model's caches; the object is unusable afterwards.
 
-    async def aclose(self) -> None:
+        A running batch may finish for at most ``timeout`` seconds (``None``: no
+        limit). If it is still running then, its callers fail with
+        :class:`~genlm_anyio.batching.ClosedError`, a warning says so, and the
+        caches stay until a later ``close()`` finds the batch finished.
+        """
+        if self._released:
+            return
+        if self._batcher.close(timeout):
+            self._released = True
+            self._release()
+        else:
+            warnings.warn(
+                f"{type(self).__name__}.close(): a batch was still computing after {timeout} s; its callers "
+                "got ClosedError, and its caches are freed by a later close() once it has finished",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+
+    async def aclose(self, timeout: float | None = 60.0) -> None:
         """:meth:`close`, without blocking the event loop while a running batch finishes."""
-        await anyio.to_thread.run_sync(self.close)
+        await anyio.to_thread.run_sync(self.close, timeout)
 
     def __enter__(self) -> "AsyncLM":
         return self

@@ -408,19 +408,7 @@ class AsyncTransformer(AsyncLM):
         cache = self.kv_cache
         news = [job.path[job.start :] for job in jobs]
         width = max(len(n) for n in news)
-        rows, paths = [], []
-        for b, (job, new) in enumerate(zip(jobs, news)):
-            # Only the last token can already be cached (a fully cached request).
-            fresh = len(new) - (1 if new[-1] in job.node.children and len(new) == 1 else 0)
-            if fresh:
-                rows.extend(b * width + j for j in range(fresh))
-                paths.append((job.node, list(new[:fresh])))
-        if not rows:
-            return
-        try:
-            slots = cache.allocate(len(rows))
-        except MemoryError:
-            return  # the budget cannot hold this batch's tokens: computed, not kept
+        rows = [b * width + j for b, new in enumerate(news) for j in range(len(new))]
         index = torch.tensor(rows, device=self.device)
         # Per layer (batch, heads, width, dim) -> (batch * width, layers, heads, dim), rows kept.
         flat = (-1, cache.heads, cache.head_dim)
@@ -432,11 +420,11 @@ class AsyncTransformer(AsyncLM):
             [_layer_kv(kv, layer)[1][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index) for layer in range(cache.layers)],
             dim=1,
         )
-        cache.write(slots, keys, values)
-        offset = 0
-        for node, tokens in paths:
-            cache.extend(node, tokens, slots[offset : offset + len(tokens)])
-            offset += len(tokens)
+        try:
+            # A token stored meanwhile (a fully cached request's last one) keeps its slot.
+            cache.store([(job.node, list(new)) for job, new in zip(jobs, news)], keys, values)
+        except MemoryError:
+            pass  # the budget cannot hold this batch's tokens: computed, not kept
 
     # -- uncached ---------------------------------------------------------------------
     def next_token_logprobs_uncached(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
