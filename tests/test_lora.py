@@ -145,14 +145,17 @@ def test_reregistering_and_removing_an_adapter_drops_its_entries(fresh, lora_ada
     try:
         assert close(fresh.next_token_logprobs_sync(p, lora_name="reg"), reference(p, None))
         assert fresh.loras["reg"] == lora_adapters["identity"]
-        computed = fresh.stats.tokens_computed
+        computed, held = fresh.stats.tokens_computed, fresh.kv_cache.stats.in_use
         fresh.add_new_lora(lora_adapters["shifted"], "reg")
         assert not any(q.adapter and q.adapter.name == "reg" for q in fresh._outputs)
+        assert fresh.kv_cache.stats.in_use == held - len(p)  # the old registration's KV slots are free
         # The new weights, computed from scratch: none of the old registration's KV is reused.
         assert close(fresh.next_token_logprobs_sync(p, lora_name="reg"), reference(p, "shifted"))
         assert fresh.stats.tokens_computed - computed == len(p)
+        held = fresh.kv_cache.stats.in_use
     finally:
         fresh.remove_lora("reg")
+    assert fresh.kv_cache.stats.in_use == held - len(p)
     assert "reg" not in fresh.loras
     assert not any(q.adapter and q.adapter.name == "reg" for q in fresh._outputs)
     with pytest.raises(ValueError, match="'reg'"):

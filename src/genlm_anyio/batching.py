@@ -166,8 +166,6 @@ class Batcher(Generic[K, R]):
         size: Callable[[K], int] = lambda key: 1,
         name: str = "genlm-anyio-batcher",
     ):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
         if max_batch_tokens is not None and max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be at least 1, not {max_batch_tokens}")
         if inspect.ismethod(compute):
@@ -176,7 +174,7 @@ class Batcher(Generic[K, R]):
             weakref.finalize(compute.__self__, self._stop).atexit = False
         else:
             self._compute = lambda: compute
-        self._max_batch_size = max_batch_size
+        self.max_batch_size = max_batch_size
         self._max_batch_tokens = max_batch_tokens
         self._size = size
         self._name = name
@@ -191,6 +189,19 @@ class Batcher(Generic[K, R]):
         self._thread: threading.Thread | None = None
         self.stats = BatchStats()
         _live.add(self)
+
+    @property
+    def max_batch_size(self) -> int:
+        """The most requests one batch takes (settable; the next batch uses the new value)."""
+        return self._max_batch_size
+
+    @max_batch_size.setter
+    def max_batch_size(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"max_batch_size must be an int, not {type(value).__name__}")
+        if value < 1:
+            raise ValueError(f"max_batch_size must be at least 1, not {value}")
+        self._max_batch_size = value
 
     # -- submitting -----------------------------------------------------------------
     def _enqueue(self, key: K) -> _Request[K, R]:

@@ -220,6 +220,24 @@ class PrefixKVCache:
             self.stats.in_use -= len(unused)
             self.stats.tokens_stored += len(created)
 
+    def forget(self, first_tokens: range) -> int:
+        """Drop every prefix whose first token lies in ``first_tokens`` (unpinned
+        ones: a running request keeps its path) and free their slots; returns how many."""
+        freed = 0
+        for token in [t for t in self.root.children if t in first_tokens]:
+            stack, doomed = [self.root.children[token]], []
+            while stack:
+                node = stack.pop()
+                doomed.append(node)
+                stack.extend(node.children.values())
+            if any(node.pins for node in doomed):
+                continue
+            del self.root.children[token]
+            self._free.extend(node.slot for node in doomed)
+            freed += len(doomed)
+        self.stats.in_use -= freed
+        return freed
+
     def _write(self, slots: list[int], keys: torch.Tensor, values: torch.Tensor) -> None:
         if keys.shape[0] != len(slots) or values.shape[0] != len(slots):
             raise ValueError(f"{len(slots)} slots, but {keys.shape[0]} key rows and {values.shape[0]} value rows")

@@ -181,13 +181,13 @@ class AsyncTransformer(AsyncLM):
     @property
     def batch_size(self) -> int:
         """Most sequences in one batch (settable)."""
-        return self._batcher._max_batch_size
+        return self._batcher.max_batch_size
 
     @batch_size.setter
     def batch_size(self, value: int) -> None:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"batch_size must be an int >= 1, not {value!r}")
-        self._batcher._max_batch_size = value
+        self._batcher.max_batch_size = value
 
     # -- the output cache ---------------------------------------------------------
     @property
@@ -257,11 +257,12 @@ class AsyncTransformer(AsyncLM):
             self._drop_adapter(adapter)
 
     def _drop_adapter(self, adapter: Adapter) -> None:
-        """(lock held) Delete the adapter's weights and its cached results. Its KV
-        entries are keyed by its serial, which no later registration reuses: they
-        can no longer match and are the first the KV cache evicts."""
+        """(lock held) Delete the adapter's weights and its cached results, KV included
+        (its subtree: first tokens shifted by its serial, see :meth:`_path`)."""
         self.model.delete_adapter(adapter.name)
         self._forget_outputs(adapter)
+        shift = adapter.serial * self.vocab_size
+        self.kv_cache.forget(range(shift, shift + self.vocab_size))
         self._find_lora_layers()
 
     def _path(self, query: Query) -> TokenIds:
