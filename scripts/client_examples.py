@@ -36,7 +36,6 @@ import argparse
 import ast
 import builtins
 import os
-import re
 import subprocess
 import sys
 import tarfile
