@@ -1,7 +1,9 @@
 """The seed example (unchanged apart from its import) and its trio rewrite run on
-the default model and print every particle with a probability."""
+the default model and print every particle with a probability; the trio
+constrained-SMC example completes only strings of its constraint."""
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -38,3 +40,20 @@ def test_demo_entry_point_runs_under_asyncio_and_trio():
     ).stdout
     assert "== asyncio: 4 particles" in out and "== trio: 4 particles" in out
     assert len(re.findall(r"\(probability: ", out)) == 8
+
+
+def test_control_smc_trio_completes_only_strings_of_the_constraint():
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "control_smc_trio.py"), str(assets.smollm2_dir()),
+         "--particles", "4", "--max-tokens", "20"],
+        capture_output=True, text=True, timeout=600, check=True,
+    ).stdout
+    completed = int(re.search(r"(\d+) completed", out).group(1))
+    posterior = {
+        ast.literal_eval(text): float(p) for text, p in re.findall(r"^('.*') \(probability: ([0-9.]+)\)$", out, re.M)
+    }
+    assert completed >= 1 and posterior
+    # The README's regex, checked here with Python's re, independently of the example's DFA.
+    for text in posterior:
+        assert re.fullmatch(r" SMC is (🔥🔥|😍😍|🤌🤌) with LMs", text), text
+    assert sum(posterior.values()) == pytest.approx(1.0, abs=1e-3)
