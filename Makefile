@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASSETS := $(PY) scripts/assets.py
 
-.PHONY: setup assets demo test test-rust test-python test-vllm test-clients clients-reference bench clean
+.PHONY: setup assets demo test test-rust test-python test-vllm test-clients clients-reference bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -36,10 +36,12 @@ test-vllm: assets
 # must be among those tests/clients/known_failures.txt lists (docs/compat.md).
 test-clients: assets
 	$(PY) scripts/client_suites.py
+	$(PY) scripts/client_examples.py
 
 # The same suites on genlm-backend itself, for comparison (not part of `make test`).
 clients-reference: assets
 	$(PY) scripts/client_suites.py --reference
+	$(PY) scripts/client_examples.py --reference
 
 test: test-rust test-clients test-python test-vllm
 
@@ -47,6 +49,11 @@ bench: assets
 	$(PY) benches/bench_vocab_trie.py
 	$(PY) benches/bench_sis.py
 	$(PY) benches/bench_vllm.py
+	$(PY) benches/bench_control.py
+
+# Ten minutes of SMC-like work on SmolLM2: resident memory and KV bytes over time.
+soak: assets
+	$(PY) benches/soak.py --minutes 10
 
 clean:
 	rm -rf target $(VENV) .pytest_cache

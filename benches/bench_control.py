@@ -14,6 +14,7 @@ LM request was outstanding. ``--profile`` prints each run's cProfile summary
 (the event-loop thread; genlm-anyio computes its batches on a worker thread,
 so there the forward passes show up as waiting).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,9 +25,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import fmt  # noqa: E402  (also puts scripts/ on the path)
-
-import assets  # noqa: E402
+import assets
+from common import fmt
 
 HERE = Path(__file__).resolve().parent
 PROGRAM = HERE / "control_workloads.py"
@@ -46,8 +46,15 @@ COUNTS = ("lm_requests", "lm_contexts", "tokens_generated")
 
 def run_backend(backend: str, workloads: list[str], model: str, seed: int, profile: bool) -> tuple[float, dict]:
     """Run ``workloads`` in one process on ``backend``: (model load time, {workload: result})."""
-    cmd = [sys.executable, *BACKENDS[backend], str(PROGRAM), model,
-           *(f"{w}:{SETTINGS[w][0]}:{SETTINGS[w][1]}" for w in workloads), "--seed", str(seed)]
+    cmd = [
+        sys.executable,
+        *BACKENDS[backend],
+        str(PROGRAM),
+        model,
+        *(f"{w}:{SETTINGS[w][0]}:{SETTINGS[w][1]}" for w in workloads),
+        "--seed",
+        str(seed),
+    ]
     if profile:
         cmd.append("--profile")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -82,12 +89,17 @@ def main() -> None:
         parser.error(f"unknown workload(s) {unknown}; choose from {list(SETTINGS)}")
     model = args.model or str(assets.smollm2_dir())
 
-    (load_ours, ours_all), (load_ref, ref_all) = (run_backend(b, workloads, model, args.seed, args.profile)
-                                                  for b in BACKENDS)
-    print(f"\ngenlm-control on SmolLM2-135M (transformers backend, CPU): SMC wall time"
-          f" (imports and model load: genlm-anyio {fmt(load_ours).strip()}, genlm-backend {fmt(load_ref).strip()})")
-    print(f"{'workload':8} {'N x T':>7} {'genlm-anyio':>11} {'genlm-backend':>14} {'speed-up':>9}"
-          f" {'lm busy (anyio/backend)':>24}  counts (requests/contexts/tokens)")
+    (load_ours, ours_all), (load_ref, ref_all) = (
+        run_backend(b, workloads, model, args.seed, args.profile) for b in BACKENDS
+    )
+    print(
+        f"\ngenlm-control on SmolLM2-135M (transformers backend, CPU): SMC wall time"
+        f" (imports and model load: genlm-anyio {fmt(load_ours).strip()}, genlm-backend {fmt(load_ref).strip()})"
+    )
+    print(
+        f"{'workload':8} {'N x T':>7} {'genlm-anyio':>11} {'genlm-backend':>14} {'speed-up':>9}"
+        f" {'lm busy (anyio/backend)':>24}  counts (requests/contexts/tokens)"
+    )
     rows = []
     for workload in workloads:
         ours, ref = ours_all[workload], ref_all[workload]
@@ -96,18 +108,24 @@ def main() -> None:
         busy = f"{ours['lm_busy_s'] / ours['run_s']:.0%} / {ref['lm_busy_s'] / ref['run_s']:.0%}"
         counts = [f"{'/'.join(str(x[k]) for k in COUNTS)}" for x in (ours, ref)]
         same = "same" if counts[0] == counts[1] else "differ: the sampled paths diverged"
-        print(f"{workload:8} {f'{n}x{t}':>7} {fmt(ours['run_s']):>11} {fmt(ref['run_s']):>14}"
-              f" {ref['run_s'] / ours['run_s']:8.1f}x {busy:>24}  {counts[0]} vs {counts[1]} ({same})")
+        print(
+            f"{workload:8} {f'{n}x{t}':>7} {fmt(ours['run_s']):>11} {fmt(ref['run_s']):>14}"
+            f" {ref['run_s'] / ours['run_s']:8.1f}x {busy:>24}  {counts[0]} vs {counts[1]} ({same})"
+        )
     total_ours = sum(r["genlm-anyio"]["run_s"] for _, r in rows)
     total_ref = sum(r["genlm-backend"]["run_s"] for _, r in rows)
     print(f"{'total':8} {'':>7} {fmt(total_ours):>11} {fmt(total_ref):>14} {total_ref / total_ours:8.1f}x")
     e2e_ours = load_ours + sum(r["genlm-anyio"]["build_s"] for _, r in rows) + total_ours
     e2e_ref = load_ref + sum(r["genlm-backend"]["build_s"] for _, r in rows) + total_ref
-    print(f"{'+ load':8} {'':>7} {fmt(e2e_ours):>11} {fmt(e2e_ref):>14} {e2e_ref / e2e_ours:8.1f}x"
-          "  (imports, model load and sampler construction included)")
+    print(
+        f"{'+ load':8} {'':>7} {fmt(e2e_ours):>11} {fmt(e2e_ref):>14} {e2e_ref / e2e_ours:8.1f}x"
+        "  (imports, model load and sampler construction included)"
+    )
     for workload, r in rows:
-        print(f"  {workload}: most likely completion on genlm-anyio {r['genlm-anyio']['top']!r},"
-              f" on genlm-backend {r['genlm-backend']['top']!r}")
+        print(
+            f"  {workload}: most likely completion on genlm-anyio {r['genlm-anyio']['top']!r},"
+            f" on genlm-backend {r['genlm-backend']['top']!r}"
+        )
 
 
 if __name__ == "__main__":

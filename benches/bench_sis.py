@@ -6,16 +6,16 @@ particle. SmolLM2-135M-Instruct, fp32, CPU, both libraries in this process.
 
     python benches/bench_sis.py [--sizes 10x10,32x32,64x64] [--anchor-max 64x64]
 """
+
 from __future__ import annotations
 
 import argparse
 import asyncio
 import time
 
+import assets
 import torch
 from common import Table
-
-import assets
 
 
 async def sis(llm, prompt: list[int], n: int, steps: int, eos: int) -> int:

@@ -9,6 +9,7 @@ changes torch's thread settings for the whole process.
 
     python benches/bench_vllm.py [--sizes 32x32,64x64] [--block-size 32]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,10 +20,9 @@ import time
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
 
-from bench_sis import timed  # noqa: E402
-from common import Table  # noqa: E402
-
-import assets  # noqa: E402
+import assets
+from bench_sis import timed
+from common import Table
 
 
 def main() -> None:
@@ -60,8 +60,11 @@ def main() -> None:
         floor = native(n, steps)
         mine = timed(llm, prompt, n, steps, eos)
         table.add(f"N={n} x {steps}", mine, floor, targets.get((n, steps)))
-        print(f"    N={n} x {steps}: {n * steps / mine:.0f} tokens/s; native decode {n * steps / floor:.0f} tokens/s; "
-              f"{llm.batch_stats}", flush=True)
+        print(
+            f"    N={n} x {steps}: {n * steps / mine:.0f} tokens/s; native decode {n * steps / floor:.0f} tokens/s; "
+            f"{llm.batch_stats}",
+            flush=True,
+        )
     table.print()
     print("\n(speed-up < 1: the SIS run is that fraction of vLLM's native decode speed)")
     llm.close()

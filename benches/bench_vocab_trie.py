@@ -4,20 +4,21 @@ Workload (the issue's): the qwen2 tokenizer (151,936 ids) from llama.cpp's
 vocabulary files; decode_vocab, trie construction, one weight_sum, a batch of
 32 weight_sums, and the same for weight_max.
 """
+
 from __future__ import annotations
 
+import assets
 import numpy as np
 from common import Table, best_of
 
-import assets
-
 
 def main() -> None:
+    from genlm.backend.tokenization import decode_vocab as anchor_decode_vocab
+    from genlm.backend.trie import ParallelTokenCharacterTrie
+    from genlm.backend.trie import TokenCharacterTrie as AnchorTrie
     from transformers import AutoTokenizer
 
     import genlm_anyio
-    from genlm.backend.tokenization import decode_vocab as anchor_decode_vocab
-    from genlm.backend.trie import ParallelTokenCharacterTrie, TokenCharacterTrie as AnchorTrie
 
     tok = AutoTokenizer.from_pretrained(assets.tokenizer_dir("qwen2"))
     table = Table(f"qwen2 vocabulary ({len(tok)} ids), CPU", "genlm-backend")
@@ -44,11 +45,25 @@ def main() -> None:
     table.add("weight_sum", best_of(lambda: trie.weight_sum(ws), 50), best_of(lambda: anchor.weight_sum(ws), 5), 0.0008)
     table.add("weight_max", best_of(lambda: trie.weight_max(ws), 50), best_of(lambda: anchor.weight_max(ws), 5))
     table.add("weight_logsumexp", best_of(lambda: trie.weight_logsumexp(np.log(ws)), 20), None)
-    table.add("batch_weight_sum (32)", best_of(lambda: trie.batch_weight_sum(batch), 10), best_of(lambda: anchor.batch_weight_sum(batch), 2), 0.015)
+    table.add(
+        "batch_weight_sum (32)",
+        best_of(lambda: trie.batch_weight_sum(batch), 10),
+        best_of(lambda: anchor.batch_weight_sum(batch), 2),
+        0.015,
+    )
 
     parallel = ParallelTokenCharacterTrie(anchor_vocab, device="cpu")
-    table.add("  vs its torch-sparse trie", best_of(lambda: trie.batch_weight_sum(batch), 10), best_of(lambda: parallel.batch_weight_sum(batch), 2), 0.015)
-    table.add("batch_weight_max (32)", best_of(lambda: trie.batch_weight_max(batch), 10), best_of(lambda: anchor.batch_weight_max(batch), 1))
+    table.add(
+        "  vs its torch-sparse trie",
+        best_of(lambda: trie.batch_weight_sum(batch), 10),
+        best_of(lambda: parallel.batch_weight_sum(batch), 2),
+        0.015,
+    )
+    table.add(
+        "batch_weight_max (32)",
+        best_of(lambda: trie.batch_weight_max(batch), 10),
+        best_of(lambda: anchor.batch_weight_max(batch), 1),
+    )
     table.print()
     print(f"\n(trie: {trie.num_nodes} nodes; best of n wall times; genlm-backend 0.3.1 in the same process)")
 

@@ -1,5 +1,6 @@
 """Timing helpers shared by the benchmarks: best-of-n wall times and a table
 that puts genlm-anyio beside the anchor with the ratio."""
+
 from __future__ import annotations
 
 import sys

@@ -23,6 +23,7 @@ that show the work done (LM requests, contexts asked for, tokens generated)
 and the posterior's size. ``--profile`` also prints a cProfile summary of the
 event-loop thread per run.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,7 +36,8 @@ import pstats
 import random
 import sys
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -131,8 +133,11 @@ def build(workload: str, lm: Any) -> tuple[Any, dict[str, Any]]:
         llm = PromptedLLM(lm)
         llm.prompt_ids = lm.tokenizer.apply_chat_template(
             conversation=[
-                {"role": "system", "content": "You need to generate a JSON object that matches the schema below. "
-                 "Only generate the JSON object on a single line with no other text."},
+                {
+                    "role": "system",
+                    "content": "You need to generate a JSON object that matches the schema below. "
+                    "Only generate the JSON object on a single line with no other text.",
+                },
                 {"role": "user", "content": json.dumps(PERSON_SCHEMA)},
                 {"role": "assistant", "content": '{"name": "Alice", "age": 30}'},
                 {"role": "user", "content": json.dumps(BOOK_SCHEMA)},
@@ -145,8 +150,9 @@ def build(workload: str, lm: Any) -> tuple[Any, dict[str, Any]]:
     raise ValueError(f"workload must be one of {WORKLOADS}, not {workload!r}")
 
 
-async def run(workload: str, lm: Any, meter: LMMeter, particles: int, max_tokens: int, seed: int,
-              profile: bool) -> dict[str, Any]:
+async def run(
+    workload: str, lm: Any, meter: LMMeter, particles: int, max_tokens: int, seed: int, profile: bool
+) -> dict[str, Any]:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
@@ -187,8 +193,12 @@ async def run(workload: str, lm: Any, meter: LMMeter, particles: int, max_tokens
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", help="a local Hugging Face model folder (or a hub id where the hub is reachable)")
-    parser.add_argument("runs", nargs="+", metavar="WORKLOAD:N:T",
-                        help=f"a workload ({', '.join(WORKLOADS)}) with its particles and max tokens")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="WORKLOAD:N:T",
+        help=f"a workload ({', '.join(WORKLOADS)}) with its particles and max tokens",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--profile", action="store_true", help="print a cProfile summary of the event-loop thread")
     args = parser.parse_args(argv)
@@ -202,7 +212,7 @@ def main(argv: list[str]) -> None:
     # Imports count with the load: genlm-backend imports transformers on import,
     # genlm-anyio when it loads the model.
     start = time.perf_counter()
-    import genlm.bytes  # noqa: F401
+    import genlm.bytes
     import genlm.control  # noqa: F401
     from genlm.backend import load_model_by_name
 

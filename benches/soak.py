@@ -13,6 +13,7 @@ line, MiB per minute) and the counts of steps, requests and cancellations.
 
     python benches/soak.py [--minutes 10] [--backend asyncio|trio] [--particles 48]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,9 @@ import anyio
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import assets  # noqa: E402
+import assets
 
-from genlm_anyio import AsyncTransformer  # noqa: E402
+from genlm_anyio import AsyncTransformer
 
 WORDS = "river stone market winter lantern harbor orchard signal meadow engine copper valley".split()
 

@@ -23,6 +23,7 @@ MODEL is a local model folder or hub id (default: the SmolLM2-135M-Instruct
 folder from ``scripts/assets.py``). Prints the posterior over the completed
 strings, one ``'STRING' (probability: P)`` line each.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -173,7 +174,9 @@ def default_model() -> str:
 
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("model", nargs="?", default=None, help="model folder or hub id (default: SmolLM2-135M-Instruct)")
+    parser.add_argument(
+        "model", nargs="?", default=None, help="model folder or hub id (default: SmolLM2-135M-Instruct)"
+    )
     parser.add_argument("--particles", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
@@ -183,8 +186,10 @@ def main(argv: list[str]) -> None:
     smc = ConstrainedSMC(llm, strings_dfa(ALLOWED), "Here is my honest opinion:", args.seed)
     particles = trio.run(smc.run, args.particles, args.max_tokens)
     posterior = smc.posterior(particles)
-    print(f"{args.particles} particles, {smc.lm_requests} LM requests, "
-          f"{sum(p.done and math.isfinite(p.log_weight) for p in particles)} completed")
+    print(
+        f"{args.particles} particles, {smc.lm_requests} LM requests, "
+        f"{sum(p.done and math.isfinite(p.log_weight) for p in particles)} completed"
+    )
     for text, prob in sorted(posterior.items(), key=lambda kv: -kv[1]):
         print(f"{text!r} (probability: {prob:.4f})")
 

@@ -4,6 +4,7 @@ It must run as written (``python seed_example.py [MODEL]``) and, rewritten for t
 (trio.run, a nursery instead of asyncio.gather), give the same kind of output.
 MODEL is a hub id, a local model folder or a .gguf file.
 """
+
 import sys
 
 import torch
@@ -16,15 +17,10 @@ from genlm_anyio import load_model_by_name
 def make_masking_function(llm, max_token_length, max_tokens):
     eos_id = llm.tokenizer.eos_token_id
     valid_ids = torch.tensor(
-        [
-            token_id == eos_id or len(token) <= max_token_length
-            for token_id, token in enumerate(llm.byte_vocab)
-        ],
+        [token_id == eos_id or len(token) <= max_token_length for token_id, token in enumerate(llm.byte_vocab)],
         dtype=torch.float,
     ).log()
-    eos_one_hot = torch.nn.functional.one_hot(
-        torch.tensor(eos_id), len(llm.byte_vocab)
-    ).log()
+    eos_one_hot = torch.nn.functional.one_hot(torch.tensor(eos_id), len(llm.byte_vocab)).log()
 
     def masking_function(context):
         return eos_one_hot if len(context) >= max_tokens else valid_ids
@@ -70,12 +66,10 @@ if __name__ == "__main__":
     mask_function = make_masking_function(llm, max_token_length=10, max_tokens=10)
     prompt_ids = llm.tokenizer.encode("Montreal is")
     particles = trio.run(
-        lambda: autobatched_sis(
-            n_particles=10, llm=llm, masking_function=mask_function, prompt_ids=prompt_ids
-        )
+        lambda: autobatched_sis(n_particles=10, llm=llm, masking_function=mask_function, prompt_ids=prompt_ids)
     )
     strings = [llm.tokenizer.decode(p.context) for p in particles]
     log_weights = torch.tensor([p.log_weight for p in particles])
     probs = torch.exp(log_weights - log_weights.logsumexp(dim=-1))
     for s, p in sorted(zip(strings, probs), key=lambda x: -x[1]):
-        print(f"{repr(s)} (probability: {p:.4f})")
+        print(f"{s!r} (probability: {p:.4f})")

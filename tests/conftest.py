@@ -1,30 +1,31 @@
 """Shared fixtures (real tokenizers and vocabularies from the asset cache) and the
 runs every language-model backend's tests share."""
+
 from __future__ import annotations
 
 import functools
 import sys
-
-import anyio
 from pathlib import Path
 
+import anyio
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import assets  # noqa: E402
+import anyio.lowlevel
+import assets
 
 # Families whose tokenizer adds a SentencePiece dummy-prefix space at the start of a text.
 DUMMY_PREFIX = {"llama-spm", "phi-3", "gemma-4"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(assets.tokenizer_dir(name))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def vocab_cases(name: str) -> list[tuple[str, list[int]]]:
     """llama.cpp's test strings for ``ggml-vocab-{name}.gguf`` with their reference ids."""
     base = assets.vocab_dir() / f"ggml-vocab-{name}.gguf"
@@ -69,7 +70,7 @@ async def ask_after_cancelled_callers(lm, ids):
         await lm.next_token_logprobs(ids + [77])
     async with anyio.create_task_group() as tg:
         tg.start_soon(lm.next_token_logprobs, ids + [78])
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         tg.cancel_scope.cancel()
     return await lm.next_token_logprobs(ids + [79])
 

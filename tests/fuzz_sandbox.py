@@ -7,6 +7,7 @@ The child serves length-prefixed pickled requests on a pipe; a call returns
 dies, :meth:`Sandbox.call` raises :class:`Crashed` and the next call starts a
 fresh child.
 """
+
 from __future__ import annotations
 
 import os

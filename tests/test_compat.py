@@ -5,6 +5,7 @@ cache, never copied here) and checks that every public module, class, function
 and method it defines has a counterpart in genlm-anyio that takes at least the
 same parameters, under the same ``genlm.backend...`` path once the switch is on.
 """
+
 from __future__ import annotations
 
 import ast
@@ -14,7 +15,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -175,8 +175,7 @@ def test_installing_does_not_import_torch():
 def test_runner_runs_an_unchanged_program(tmp_path):
     program = tmp_path / "client.py"
     program.write_text(
-        "import sys\nfrom genlm.backend import decode_vocab, Token\n"
-        "print(Token.__module__, sys.argv[1:])\n"
+        "import sys\nfrom genlm.backend import decode_vocab, Token\nprint(Token.__module__, sys.argv[1:])\n"
     )
     out = subprocess.run(
         [sys.executable, "-m", "genlm_anyio.compat", str(program), "a", "b"], capture_output=True, text=True, check=True
@@ -184,7 +183,10 @@ def test_runner_runs_an_unchanged_program(tmp_path):
     assert out.stdout.strip() == "genlm_anyio.vocab ['a', 'b']"
     module = subprocess.run(
         [sys.executable, "-m", "genlm_anyio.compat", "-m", "client", "x"],
-        capture_output=True, text=True, check=True, cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
     )
     assert module.stdout.strip() == "genlm_anyio.vocab ['x']"
 
@@ -272,7 +274,7 @@ def test_an_undecodable_vocabulary_is_a_value_error_that_says_why():
     class Broken:
         name_or_path = "broken-model"
 
-        class backend_tokenizer:  # noqa: N801 - the attribute name transformers uses
+        class backend_tokenizer:
             @staticmethod
             def to_str() -> str:
                 return '{"model": {"type": "Nonexistent"}}'
@@ -312,4 +314,3 @@ def test_output_cache_move_to_cpu_gives_back_the_same_device():
 def test_output_cache_rejects_a_size_below_one(size):
     with pytest.raises(ValueError, match="maxsize"):
         OutputCache(size)
-

@@ -1,6 +1,7 @@
 """The seed example (unchanged apart from its import) and its trio rewrite run on
 the default model and print every particle with a probability; the trio
 constrained-SMC example completes only strings of its constraint."""
+
 from __future__ import annotations
 
 import ast
@@ -26,7 +27,10 @@ def test_seed_example_is_the_shared_program_with_our_import():
 def test_seed_example_runs(script):
     out = subprocess.run(
         [sys.executable, str(ROOT / "examples" / script), str(assets.smollm2_dir())],
-        capture_output=True, text=True, timeout=600, check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     ).stdout
     probs = [float(p) for p in re.findall(r"\(probability: ([0-9.]+)\)", out)]
     assert len(probs) == 10
@@ -36,7 +40,10 @@ def test_seed_example_runs(script):
 def test_demo_entry_point_runs_under_asyncio_and_trio():
     out = subprocess.run(
         [sys.executable, "-m", "genlm_anyio.demo", str(assets.smollm2_dir()), "--particles", "4", "--max-tokens", "4"],
-        capture_output=True, text=True, timeout=600, check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     ).stdout
     assert "== asyncio: 4 particles" in out and "== trio: 4 particles" in out
     assert len(re.findall(r"\(probability: ", out)) == 8
@@ -44,9 +51,19 @@ def test_demo_entry_point_runs_under_asyncio_and_trio():
 
 def test_control_smc_trio_completes_only_strings_of_the_constraint():
     out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "control_smc_trio.py"), str(assets.smollm2_dir()),
-         "--particles", "4", "--max-tokens", "20"],
-        capture_output=True, text=True, timeout=600, check=True,
+        [
+            sys.executable,
+            str(ROOT / "examples" / "control_smc_trio.py"),
+            str(assets.smollm2_dir()),
+            "--particles",
+            "4",
+            "--max-tokens",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
     ).stdout
     completed = int(re.search(r"(\d+) completed", out).group(1))
     posterior = {

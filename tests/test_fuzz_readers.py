@@ -6,6 +6,7 @@ Every call runs in a child process under a 2 GiB address-space limit
 vocabulary or raise ValueError (TypeError for an argument of the wrong type).
 Each fuzz test prints how many cases it tried (``pytest -s``).
 """
+
 from __future__ import annotations
 
 import json
@@ -63,8 +64,10 @@ def gguf(kvs: list[tuple[bytes, int, bytes]], version: int = 3) -> bytes:
 
 
 def tokenizer_kvs(model: bytes, tokens: list[bytes], types: list[int] | None):
-    kvs = [(b"tokenizer.ggml.model", STRING, g_string(model)),
-           (b"tokenizer.ggml.tokens", ARRAY, g_array(STRING, [g_string(t) for t in tokens]))]
+    kvs = [
+        (b"tokenizer.ggml.model", STRING, g_string(model)),
+        (b"tokenizer.ggml.tokens", ARRAY, g_array(STRING, [g_string(t) for t in tokens])),
+    ]
     if types is not None:
         kvs.append((b"tokenizer.ggml.token_type", ARRAY, g_array(5, [struct.pack("<i", t) for t in types])))
     return kvs
@@ -148,9 +151,9 @@ def mutations(draw, data: bytes):
         at = draw(st.integers(0, max(len(data) - 1, 0)))
         edit = draw(st.sampled_from(["u64", "u32", "flip", "insert", "truncate"]))
         if edit == "u64":
-            data[at:at + 8] = struct.pack("<Q", draw(st.sampled_from(HOSTILE_U64 + [len(data)])))
+            data[at : at + 8] = struct.pack("<Q", draw(st.sampled_from(HOSTILE_U64 + [len(data)])))
         elif edit == "u32":
-            data[at:at + 4] = struct.pack("<I", draw(st.sampled_from([0, 8, 9, 12, 13, 255, (1 << 32) - 1])))
+            data[at : at + 4] = struct.pack("<I", draw(st.sampled_from([0, 8, 9, 12, 13, 255, (1 << 32) - 1])))
         elif edit == "flip" and data:
             data[at] ^= 1 << draw(st.integers(0, 7))
         elif edit == "insert":
@@ -213,17 +216,21 @@ def test_token_ids_from_the_file_are_bounded_by_its_entries(sandbox):
         text = json.dumps({"model": {"type": "WordLevel", "vocab": {"a": bad}}})
         assert len(text) <= 70
         assert f"token id {bad} is out of range" in outcome(sandbox, "json", text)
-        text = json.dumps({"model": {"type": "WordLevel", "vocab": {"a": 0}}, "added_tokens": [{"id": bad, "content": "x"}]})
+        text = json.dumps(
+            {"model": {"type": "WordLevel", "vocab": {"a": 0}}, "added_tokens": [{"id": bad, "content": "x"}]}
+        )
         assert f"token id {bad} is out of range" in outcome(sandbox, "json", text)
     assert "invalid JSON" in outcome(sandbox, "json", json.dumps({"model": {"vocab": {"a": 1 << 64}}}))
 
 
 def test_sparse_added_token_ids_keep_working(sandbox):
     """Added tokens numbered past a gap (as in tiktoken-style vocabularies) still decode."""
-    text = json.dumps({
-        "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
-        "added_tokens": [{"id": 4, "content": "<|end|>"}, {"id": 2 * 3 + SPARE_IDS - 1, "content": "<|x|>"}],
-    })
+    text = json.dumps(
+        {
+            "model": {"type": "BPE", "vocab": {"a": 0, "b": 1}, "merges": []},
+            "added_tokens": [{"id": 4, "content": "<|end|>"}, {"id": 2 * 3 + SPARE_IDS - 1, "content": "<|x|>"}],
+        }
+    )
     vocab = outcome(sandbox, "json", text)
     assert len(vocab) == 6 + SPARE_IDS and vocab[:5] == [b"a", b"b", b"", b"", b"<|end|>"] and vocab[-1] == b"<|x|>"
 
@@ -231,8 +238,10 @@ def test_sparse_added_token_ids_keep_working(sandbox):
 def test_a_growing_decoder_chain_is_an_error(sandbox):
     """40 Replace steps doubling one byte (2.7 KB) aborted on a 1 GiB allocation."""
     steps = [{"type": "Replace", "pattern": {"String": "a"}, "content": "aa"}] * 40
-    text = json.dumps({"model": {"type": "WordLevel", "vocab": {"a": 0}}, "decoder": {"type": "Sequence", "decoders": steps}})
-    assert "the decoder grows piece \"a\" beyond 68 bytes" in outcome(sandbox, "json", text)
+    text = json.dumps(
+        {"model": {"type": "WordLevel", "vocab": {"a": 0}}, "decoder": {"type": "Sequence", "decoders": steps}}
+    )
+    assert 'the decoder grows piece "a" beyond 68 bytes' in outcome(sandbox, "json", text)
 
 
 def test_deeply_nested_json_is_an_error(sandbox):
@@ -240,8 +249,10 @@ def test_deeply_nested_json_is_an_error(sandbox):
     serde_json's depth limit (128); the merges, skipped unparsed, are walked without recursion."""
     deep = "[" * 100_000 + "]" * 100_000
     assert "invalid JSON" in outcome(sandbox, "json", deep)
-    assert "recursion limit exceeded" in outcome(sandbox, "json", '{"model": {"vocab": {}}, "pre_tokenizer": %s}' % deep)
-    assert outcome(sandbox, "json", '{"model": {"vocab": {"a": 0}, "merges": %s}}' % deep) == [b"a"]
+    assert "recursion limit exceeded" in outcome(
+        sandbox, "json", f'{{"model": {{"vocab": {{}}}}, "pre_tokenizer": {deep}}}'
+    )
+    assert outcome(sandbox, "json", f'{{"model": {{"vocab": {{"a": 0}}, "merges": {deep}}}}}') == [b"a"]
 
 
 ids = st.integers(0, 3000) | st.sampled_from(HOSTILE_U64) | st.integers(-5, -1)
@@ -285,10 +296,23 @@ def test_fuzz_token_ids(sandbox):
 
 def json_values():
     leaves = st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70) | st.floats() | st.text(max_size=8)
-    return st.recursive(leaves, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12)
+    return st.recursive(
+        leaves, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c, max_size=4), max_leaves=12
+    )
 
 
-DECODERS = ["Sequence", "ByteLevel", "ByteFallback", "Replace", "Metaspace", "WordPiece", "BPEDecoder", "Fuse", "Strip", "CTC"]
+DECODERS = [
+    "Sequence",
+    "ByteLevel",
+    "ByteFallback",
+    "Replace",
+    "Metaspace",
+    "WordPiece",
+    "BPEDecoder",
+    "Fuse",
+    "Strip",
+    "CTC",
+]
 
 
 @st.composite

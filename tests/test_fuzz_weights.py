@@ -7,6 +7,7 @@ Each call runs in a child process under a 2 GiB address-space limit
 (:mod:`fuzz_sandbox`), so a crash is a failing test. Each fuzz test prints how
 many cases it tried (``pytest -s``).
 """
+
 from __future__ import annotations
 
 import re
@@ -58,9 +59,18 @@ VALUES = (
     | st.sampled_from([1e-300, -1e-300, 1e300, 0.0, -0.0])
     | st.sampled_from([float("inf"), float("-inf"), float("nan")])
 )
-DTYPES = [("numpy", "float32"), ("numpy", "float64"), ("numpy", ">f8"), ("numpy", ">f4"),
-          ("numpy", "float16"), ("numpy", "longdouble"), ("torch", "float32"), ("torch", "float64"),
-          ("torch", "float16"), ("torch", "bfloat16")]
+DTYPES = [
+    ("numpy", "float32"),
+    ("numpy", "float64"),
+    ("numpy", ">f8"),
+    ("numpy", ">f4"),
+    ("numpy", "float16"),
+    ("numpy", "longdouble"),
+    ("torch", "float32"),
+    ("torch", "float64"),
+    ("torch", "float16"),
+    ("torch", "bfloat16"),
+]
 METHODS = ["weight_sum", "weight_max", "weight_logsumexp"]
 METHODS += ["batch_" + m for m in METHODS]
 
@@ -127,7 +137,11 @@ def test_fuzz_weight_functions(sandbox):
                     under = row[[i for i, t in enumerate(vocab) if t.startswith(prefix)]]
                 want = reference(method, under)
                 scale = np.sum(np.abs(under[np.isfinite(under)]))
-                assert got[node] == pytest.approx(want, rel=1e-9, abs=1e-12 * scale, nan_ok=True), (prefix, method, under)
+                assert got[node] == pytest.approx(want, rel=1e-9, abs=1e-12 * scale, nan_ok=True), (
+                    prefix,
+                    method,
+                    under,
+                )
 
     case()
     print(f"\n[fuzz] trie weight functions: {count} cases")

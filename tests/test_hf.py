@@ -1,6 +1,7 @@
 """The transformers backend on the real SmolLM2-135M model: cached and batched
 results against the plain forward pass, counts of computed tokens, and the
 runtime's rules (validation, errors, cancellation, event loops)."""
+
 from __future__ import annotations
 
 import threading
@@ -60,8 +61,14 @@ def test_mixed_batches_match_the_uncached_forward_pass(fresh):
     other = prompt(fresh, "The quick brown fox jumps over")
     fresh.cache_kv(p)
     seqs = [
-        p + [100], p + [100, 200], p + [300], p[:2], p[:2] + [5, 6, 7],  # shared prefixes, cached and not
-        other, other + [11], other[:3] + [12, 13],  # an unseen prompt and its relatives
+        p + [100],
+        p + [100, 200],
+        p + [300],
+        p[:2],
+        p[:2] + [5, 6, 7],  # shared prefixes, cached and not
+        other,
+        other + [11],
+        other[:3] + [12, 13],  # an unseen prompt and its relatives
         p + [100],  # a duplicate
         [42],  # a single token
     ]
@@ -76,7 +83,7 @@ def test_a_lone_request_equals_the_uncached_pass_exactly(fresh):
     pre = prompt(fresh, "There might be something wrong")
     ext = pre + fresh.tokenizer.encode(" with the caching logic", add_special_tokens=False)
     for ids in (pre, ext):
-        got = anyio.run(lambda: fresh.next_token_logprobs(ids))
+        got = anyio.run(fresh.next_token_logprobs, ids)
         assert torch.equal(got, fresh.next_token_logprobs_uncached(ids))
     assert fresh.kv_cache.stats.prefix_tokens_reused >= len(pre)
 
@@ -122,7 +129,9 @@ def test_eviction_under_a_small_budget_stays_correct(hf_parts):
     model, tok = hf_parts
     per_token = 2 * 30 * 3 * 64 * 4
     with AsyncTransformer(model, tok, kv_cache_bytes=16 * per_token, logprob_cache_size=0) as small:
-        seqs = [tok.encode(t) for t in ["A long sentence about cats and dogs", "Another one on trains and planes", "Short"]]
+        seqs = [
+            tok.encode(t) for t in ["A long sentence about cats and dogs", "Another one on trains and planes", "Short"]
+        ]
         first = small.batch_next_token_logprobs_sync(seqs)
         # Unrelated text: the older prefixes (unpinned leaves) make room.
         more = [tok.encode("Completely different words go here now"), seqs[2] + [9, 10]]

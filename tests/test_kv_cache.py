@@ -1,5 +1,6 @@
 """The prefix KV cache's slot pool: growth up to the budget, eviction, pins and
 all-or-nothing stores (property-tested), and, on SmolLM2, what it saves per step."""
+
 from __future__ import annotations
 
 import random
@@ -84,7 +85,9 @@ def check_invariants(cache: PrefixKVCache) -> None:
 
 
 # -- the regressions ---------------------------------------------------------------------
-@pytest.mark.parametrize("count", [1, 1023, 1024, 1500, 2044, 2049, 2050, 3000, 3070, 4096, 8000, ONE_GIB_OF_SMOLLM2 - 1])
+@pytest.mark.parametrize(
+    "count", [1, 1023, 1024, 1500, 2044, 2049, 2050, 3000, 3070, 4096, 8000, ONE_GIB_OF_SMOLLM2 - 1]
+)
 def test_an_empty_pool_stores_any_batch_below_its_budget(count):
     """Defect 3: growth compared the free slots with the *extra* slots needed, so on
     an empty 1 GiB pool batches of 1,024-2,044 and 2,050-3,070 tokens were refused."""

@@ -1,6 +1,7 @@
 """LoRA adapters on the transformers backend: adapters built with peft on
 SmolLM2 (tests/conftest.py), checked against peft's own forward pass; mixed
 batches, per-adapter caches, registration and errors."""
+
 from __future__ import annotations
 
 import anyio
@@ -136,7 +137,12 @@ def test_caches_are_per_adapter(fresh, reference):
     fresh.next_token_logprobs_sync(p + [9], lora_name="shifted")
     assert stats.tokens_computed - before[0] == 2 * len(p) + 1
     assert kv.prefix_tokens_reused - before[2] == len(p)
-    assert sorted(str(q.adapter and q.adapter.name) for q in fresh._outputs) == ["None", "shifted", "shifted", "shifted2"]
+    assert sorted(str(q.adapter and q.adapter.name) for q in fresh._outputs) == [
+        "None",
+        "shifted",
+        "shifted",
+        "shifted2",
+    ]
 
 
 def test_reregistering_and_removing_an_adapter_drops_its_entries(fresh, lora_adapters, reference):

@@ -1,6 +1,7 @@
 """The runtime's guarantees on the real SmolLM2-135M model: no stranded request,
 load, cancellation storms, faults, collection and close of a dropped or hung
 model (issue 8). Figures are printed (``pytest -s``); the asserts are on counts."""
+
 from __future__ import annotations
 
 import gc
@@ -81,7 +82,9 @@ def test_a_batch_of_running_sequences_does_not_strand_the_next_request(hf_parts,
                 if joiner == "batch":
                     tg.start_soon(lambda: _put(got, "joined", lm.batch_next_token_logprobs([ids])))
                 else:
-                    tg.start_soon(lambda: _put(got, "joined", anyio.to_thread.run_sync(lm.batch_next_token_logprobs_sync, [ids])))
+                    tg.start_soon(
+                        lambda: _put(got, "joined", anyio.to_thread.run_sync(lm.batch_next_token_logprobs_sync, [ids]))
+                    )
                 await anyio.sleep(0.05)
                 gate.go.set()
             with anyio.fail_after(30):
@@ -319,10 +322,18 @@ def test_ctrl_c_stops_a_busy_program_promptly(tmp_path, backend):
 
     script = tmp_path / "busy.py"
     script.write_text(SIGINT_PROGRAM)
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(os.path.dirname(os.path.dirname(genlm_anyio.__file__))), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        PYTHONPATH=os.pathsep.join(
+            [str(os.path.dirname(os.path.dirname(genlm_anyio.__file__))), os.environ.get("PYTHONPATH", "")]
+        ),
+    )
     proc = subprocess.Popen(
         [sys.executable, str(script), str(assets.smollm2_dir()), backend],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     try:
         assert proc.stdout.readline().strip() == "ready", proc.stderr.read()

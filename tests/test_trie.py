@@ -1,5 +1,6 @@
 """TokenCharacterTrie against genlm-backend 0.3.1's trie (the layout reference)
 and against brute force, on real vocabularies and on random ones."""
+
 from __future__ import annotations
 
 import warnings
@@ -105,6 +106,7 @@ def test_duplicate_words_and_bad_entries_raise_as_genlm_backend_does():
         TokenCharacterTrie([Token(0, b"a"), [1, 2]])
     with pytest.raises(TypeError, match=r"decode\[1\].*iterable.*int"):
         TokenCharacterTrie([Token(0, b"a"), 5])
+
     class YieldsADict:
         def __iter__(self):
             return iter([{}])
@@ -127,7 +129,9 @@ def test_reductions_match_reference_on_a_real_vocabulary(gpt2_trie):
     leaves = trie.idx_to_leaf[:, 1]
     np.testing.assert_array_equal(sums[leaves], ws)
     np.testing.assert_array_equal(lses[leaves], logws)
-    prefixes = [b"", b"a", b" the", b"\n", b"Th", b"\xc3"] + [bytes(vocab[i])[:k] for i, k in zip(rng.integers(0, len(vocab), 40), rng.integers(1, 4, 40))]
+    prefixes = [b"", b"a", b" the", b"\n", b"Th", b"\xc3"] + [
+        bytes(vocab[i])[:k] for i, k in zip(rng.integers(0, len(vocab), 40), rng.integers(1, 4, 40))
+    ]
     for prefix in prefixes:
         node = trie.node_of(prefix)
         under = reference_under(vocab, prefix)
@@ -152,7 +156,9 @@ def test_batches_equal_rows_and_inputs_of_every_float_type(gpt2_trie):
     for r in range(3):
         np.testing.assert_allclose(batch[r], trie.weight_sum(ws[r]), rtol=1e-12)
     np.testing.assert_allclose(trie.batch_weight_max(ws)[1], trie.weight_max(ws[1]))
-    np.testing.assert_allclose(trie.batch_weight_logsumexp(np.log(ws))[2], trie.weight_logsumexp(np.log(ws[2])), rtol=1e-12)
+    np.testing.assert_allclose(
+        trie.batch_weight_logsumexp(np.log(ws))[2], trie.weight_logsumexp(np.log(ws[2])), rtol=1e-12
+    )
     want = trie.weight_sum(ws[0])
     for arr in (
         ws[0].astype(np.float32),
@@ -193,7 +199,7 @@ def test_navigation(gpt2_trie):
     assert all(child < root for child in kids.values())
     th, t = trie.node_of(b"th"), trie.node_of(b"t")
     assert trie.children[t][ord("h")] == th and trie.parent(th) == t
-    the = [i for i, tok in enumerate(vocab) if bytes(tok) == b"the"][0]
+    the = next(i for i, tok in enumerate(vocab) if bytes(tok) == b"the")
     leaf = trie.token_node(the)
     assert leaf == trie.word2leaf[(b"the", the)] and trie.leaf2word[leaf] == (b"the", the)
     assert trie.parent(leaf) == trie.node_of(b"the") and trie.children[trie.node_of(b"the")][None, the] == leaf
@@ -287,7 +293,14 @@ def test_empty_tokens_and_a_small_layout():
     vocab = [Token(0, b"ab"), Token(1, b"ab"), Token(2, b"a"), Token(3, b""), Token(4, b"")]
     trie = TokenCharacterTrie(vocab)
     assert list(trie.children) == [
-        {}, {}, {(None, 0): 0, (None, 1): 1}, {}, {98: 2, (None, 2): 3}, {}, {}, {97: 4, (None, 3): 5, (None, 4): 6}
+        {},
+        {},
+        {(None, 0): 0, (None, 1): 1},
+        {},
+        {98: 2, (None, 2): 3},
+        {},
+        {},
+        {97: 4, (None, 3): 5, (None, 4): 6},
     ]
     assert trie.num_nodes == 8 and trie.root == 7
     sums = trie.weight_sum(np.array([1.0, 2.0, 4.0, 8.0, 16.0]))
@@ -324,7 +337,9 @@ def test_parallel_trie_matches_the_rust_trie(gpt2_trie):
     np.testing.assert_array_equal(parallel.batch_weight_max(ws), trie.batch_weight_max(ws))
     np.testing.assert_allclose(parallel.weight_sum(torch.tensor(ws[0])), trie.weight_sum(ws[0]), rtol=1e-10)
     np.testing.assert_array_equal(parallel.weight_max(ws[1]), trie.weight_max(ws[1]))
-    np.testing.assert_allclose(parallel.batch_weight_sum([torch.tensor(w) for w in ws]), trie.batch_weight_sum(ws), rtol=1e-10)
+    np.testing.assert_allclose(
+        parallel.batch_weight_sum([torch.tensor(w) for w in ws]), trie.batch_weight_sum(ws), rtol=1e-10
+    )
     bad = ws.copy()
     bad[1, 9] = np.nan
     with pytest.raises(ValueError, match="row 1, token 9"):
@@ -345,7 +360,11 @@ def test_async_trie_batches_concurrent_reductions(gpt2_trie, library, backend):
 
     vocab, trie = gpt2_trie
     ws = np.random.default_rng(3).random((12, len(vocab)))
-    atrie = AsyncTokenCharacterTrie.from_vocab(vocab, device="cpu") if backend == "parallel" else AsyncTokenCharacterTrie(trie)
+    atrie = (
+        AsyncTokenCharacterTrie.from_vocab(vocab, device="cpu")
+        if backend == "parallel"
+        else AsyncTokenCharacterTrie(trie)
+    )
     assert isinstance(atrie.trie, ParallelTokenCharacterTrie) == (backend == "parallel")  # parallel is the default
     results: dict[tuple[str, int], np.ndarray] = {}
     errors = []
@@ -387,7 +406,9 @@ def test_async_trie_nan_fails_only_its_sender(gpt2_trie, backend, op):
     vocab, trie = gpt2_trie
     ws = np.random.default_rng(4).random((6, len(vocab)))
     ws[4, 11] = np.nan
-    atrie = AsyncTokenCharacterTrie.from_vocab(vocab, backend=backend, **({"device": "cpu"} if backend == "parallel" else {}))
+    atrie = AsyncTokenCharacterTrie.from_vocab(
+        vocab, backend=backend, **({"device": "cpu"} if backend == "parallel" else {})
+    )
     outcomes: dict[int, object] = {}
 
     async def one(i):

@@ -4,6 +4,7 @@ vLLM changes torch's thread settings for the whole process, so these tests run
 in a pytest process of their own: ``pytest -m vllm`` (``make test`` does that).
 One engine serves the module (it takes minutes to start); the last test closes it.
 """
+
 from __future__ import annotations
 
 import os
@@ -21,8 +22,8 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm")
 
-from genlm_anyio import AsyncTransformer, AsyncVirtualLM, ClosedError, load_model_by_name  # noqa: E402
-from genlm_anyio.backends.vllm_engine import VLLMEngine  # noqa: E402
+from genlm_anyio import AsyncTransformer, AsyncVirtualLM, ClosedError, load_model_by_name
+from genlm_anyio.backends.vllm_engine import VLLMEngine
 
 pytestmark = pytest.mark.vllm
 

@@ -1,5 +1,6 @@
 """The byte vocabulary on real tokenizers: llama.cpp's vocabulary files and the
 transformers tokenizers converted from them."""
+
 from __future__ import annotations
 
 import functools
@@ -17,8 +18,21 @@ from genlm_anyio.vocab import byte_vocab_from_gguf, byte_vocab_from_tokenizer_js
 
 HF_LOADABLE = assets.HF_LOADABLE
 WITH_REFERENCE = (
-    "bert-bge", "command-r", "deepseek-coder", "deepseek-llm", "falcon", "gemma-4", "gpt-2",
-    "llama-bpe", "llama-spm", "mpt", "phi-3", "qwen2", "qwen35", "refact", "starcoder",
+    "bert-bge",
+    "command-r",
+    "deepseek-coder",
+    "deepseek-llm",
+    "falcon",
+    "gemma-4",
+    "gpt-2",
+    "llama-bpe",
+    "llama-spm",
+    "mpt",
+    "phi-3",
+    "qwen2",
+    "qwen35",
+    "refact",
+    "starcoder",
 )
 ALL_GGUF = WITH_REFERENCE + ("aquila", "baichuan", "gpt-neox", "nomic-bert-moe")
 
@@ -27,7 +41,7 @@ def joined(vocab, ids) -> bytes:
     return b"".join(vocab[i] for i in ids)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def unicode_form(name: str) -> str | None:
     """The Unicode normalization a transformers tokenizer applies to its input, if any."""
     normalizer = json.loads(load_tokenizer(name).backend_tokenizer.to_str())["normalizer"]
@@ -160,9 +174,14 @@ def test_slow_sentencepiece_tokenizer_round_trips(tmp_path):
 
     texts = [text for name in WITH_REFERENCE for text, _ in vocab_cases(name) if text]
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(texts * 5), model_prefix=str(tmp_path / "sp"), vocab_size=400,
-        byte_fallback=True, character_coverage=0.98, normalization_rule_name="identity",
-        remove_extra_whitespaces=False, minloglevel=2,
+        sentence_iterator=iter(texts * 5),
+        model_prefix=str(tmp_path / "sp"),
+        vocab_size=400,
+        byte_fallback=True,
+        character_coverage=0.98,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        minloglevel=2,
     )
     tok = BertGenerationTokenizer(str(tmp_path / "sp.model"))
     assert not hasattr(tok, "backend_tokenizer")
@@ -254,7 +273,9 @@ def test_wordpiece_unigram_and_wordlevel_fast_tokenizers():
     assert vocab[:4] == [b"[UNK]", b" play", b"ing", b"ed"]
     assert joined(vocab, tok.encode("playing played", add_special_tokens=False)) == b" playing played"
 
-    uni = Tokenizer(models.Unigram([("<unk>", 0.0), ("\u2581a", -1.0), ("b", -2.0), ("<0x0A>", -3.0)], 0, byte_fallback=True))
+    uni = Tokenizer(
+        models.Unigram([("<unk>", 0.0), ("\u2581a", -1.0), ("b", -2.0), ("<0x0A>", -3.0)], 0, byte_fallback=True)
+    )
     uni.decoder = decoders.Sequence([decoders.Metaspace(), decoders.ByteFallback()])
     vocab, _ = decode_vocab(PreTrainedTokenizerFast(tokenizer_object=uni, unk_token="<unk>"))
     assert vocab[:4] == [b"<unk>", b" a", b"b", b"\n"]

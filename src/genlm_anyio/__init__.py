@@ -4,6 +4,7 @@ programs, under asyncio and trio, with a Rust core for byte-level vocabularies.
 The names below load on first use, so ``import genlm_anyio.vocab`` (or the
 compat switch) does not import torch or transformers.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -11,11 +12,17 @@ import importlib.metadata
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from .backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
-    from .batching import ClosedError
-    from .loading import load_model_by_name
-    from .trie import AsyncTokenCharacterTrie, ParallelTokenCharacterTrie, TokenCharacterTrie
-    from .vocab import Token, decode_vocab
+    from .backends import AsyncLM as AsyncLM
+    from .backends import AsyncTransformer as AsyncTransformer
+    from .backends import AsyncVirtualLM as AsyncVirtualLM
+    from .backends import MockAsyncLM as MockAsyncLM
+    from .batching import ClosedError as ClosedError
+    from .loading import load_model_by_name as load_model_by_name
+    from .trie import AsyncTokenCharacterTrie as AsyncTokenCharacterTrie
+    from .trie import ParallelTokenCharacterTrie as ParallelTokenCharacterTrie
+    from .trie import TokenCharacterTrie as TokenCharacterTrie
+    from .vocab import Token as Token
+    from .vocab import decode_vocab as decode_vocab
 
 # Public name -> the module that defines it.
 _EXPORTS = {

@@ -1,9 +1,11 @@
 """Turning user arrays (numpy, torch, sequences) into what the Rust core reads."""
+
 from __future__ import annotations
 
 from typing import Any
 
 import numpy as np
+
 
 def is_torch_tensor(x: Any) -> bool:
     """Whether ``x`` is a torch tensor, without importing torch."""

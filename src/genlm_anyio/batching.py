@@ -25,6 +25,7 @@ it ends, cancelled or not), or a running batch (the worker moves the mark when
 it ends). So no interleaving of callers can leave a request waiting with the
 worker asleep.
 """
+
 from __future__ import annotations
 
 import atexit
@@ -33,8 +34,9 @@ import inspect
 import threading
 import time
 import weakref
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Generic, Hashable, Sequence, TypeVar
+from typing import Callable, Generic, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -69,7 +71,7 @@ class BatchStats:
 
 
 class _Request(Generic[K, R]):
-    __slots__ = ("key", "size", "seq", "result", "error", "done", "waiters", "wakers")
+    __slots__ = ("done", "error", "key", "result", "seq", "size", "waiters", "wakers")
 
     def __init__(self, key: K, size: int, seq: int):
         self.key = key
@@ -91,7 +93,9 @@ def _callers_error(error: BaseException) -> BaseException:
     cancellation or interrupt, so it becomes a RuntimeError.
     """
     if not isinstance(error, Exception):
-        fresh: BaseException = RuntimeError(f"the batch's computation was cancelled or interrupted ({type(error).__name__})")
+        fresh: BaseException = RuntimeError(
+            f"the batch's computation was cancelled or interrupted ({type(error).__name__})"
+        )
     else:
         try:
             fresh = copy.copy(error)
@@ -127,7 +131,7 @@ def _loop_waker(callback: Callable[[], None]) -> Callable[[], None]:
     raise RuntimeError(f"unsupported async library {library!r}")
 
 
-_live: "weakref.WeakSet[Batcher]" = weakref.WeakSet()
+_live: weakref.WeakSet[Batcher] = weakref.WeakSet()
 
 
 @atexit.register

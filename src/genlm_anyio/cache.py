@@ -1,8 +1,10 @@
 """genlm-backend's ``cache`` module: :class:`OutputCache`, a bounded LRU of tensors."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Hashable
+from collections.abc import Hashable
+from typing import Any
 
 import torch
 

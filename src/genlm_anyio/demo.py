@@ -4,6 +4,7 @@ Ten particles extend "Montreal is" token by token, each with its own
 ``await llm.next_token_logprobs(...)``; the library batches their requests and
 reuses each particle's cached prefix.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,9 @@ from .backends import AsyncLM
 from .loading import load_model_by_name
 
 
-async def sis(llm: AsyncLM, prompt: list[int], particles: int, max_tokens: int, max_token_bytes: int) -> list[tuple[list[int], float]]:
+async def sis(
+    llm: AsyncLM, prompt: list[int], particles: int, max_tokens: int, max_token_bytes: int
+) -> list[tuple[list[int], float]]:
     """Sequential importance sampling with a token-length mask; returns (tokens, log weight) per particle."""
     eos = llm.tokenizer.eos_token_id
     allowed = torch.tensor([i == eos or len(t) <= max_token_bytes for i, t in enumerate(llm.byte_vocab)]).float().log()

@@ -9,6 +9,7 @@ stores the keys and values of the tokens it computed in fresh slots.
 The pool has a fixed budget of bytes; when it runs out, the least recently used
 leaves that no running request has pinned are evicted.
 """
+
 from __future__ import annotations
 
 import heapq
@@ -18,9 +19,9 @@ import torch
 
 
 class _Node:
-    __slots__ = ("parent", "token", "slot", "children", "last_used", "pins")
+    __slots__ = ("children", "last_used", "parent", "pins", "slot", "token")
 
-    def __init__(self, parent: "_Node | None", token: int, slot: int):
+    def __init__(self, parent: _Node | None, token: int, slot: int):
         self.parent = parent
         self.token = token
         self.slot = slot
@@ -66,7 +67,9 @@ class PrefixKVCache:
         self._size = min(self.capacity, 1024)
         # Slot 0 is all zeros: the padding of gathered pasts.
         # Slot-major, so that gathering or storing a token moves one contiguous row.
-        self.keys = torch.zeros((self._size, self.layers, self.heads, self.head_dim), dtype=self.dtype, device=self.device)
+        self.keys = torch.zeros(
+            (self._size, self.layers, self.heads, self.head_dim), dtype=self.dtype, device=self.device
+        )
         self.values = torch.zeros_like(self.keys)
         self._free = list(range(self._size - 1, 0, -1))
         self.stats.in_use = 0

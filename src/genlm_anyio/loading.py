@@ -1,4 +1,5 @@
 """Loading a model by name, with the backend picked for the machine."""
+
 from __future__ import annotations
 
 import importlib.util

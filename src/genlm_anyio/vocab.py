@@ -3,14 +3,16 @@
 The decoding itself is done by the Rust core from the tokenizer's own serialized
 form; this module picks the form, and wraps the bytes as :class:`Token`.
 """
+
 from __future__ import annotations
 
 import gc
 import json
 import os
 import sys
+from collections.abc import Sequence
 from itertools import repeat
-from typing import Any, Sequence
+from typing import Any
 
 from . import _core
 
@@ -44,7 +46,7 @@ class Token(bytes):
 
     token_id: int
 
-    def __new__(cls, token_id: int, byte_string: bytes) -> "Token":
+    def __new__(cls, token_id: int, byte_string: bytes) -> Token:
         if isinstance(token_id, bool) or not isinstance(token_id, (int, _np_integer())):
             raise TypeError(f"token_id must be an int, not {type(token_id).__name__}")
         if not isinstance(byte_string, (bytes, bytearray, memoryview)):
@@ -133,9 +135,7 @@ def tokens_from_bytes(byte_strings: Sequence[bytes]) -> list[Token]:
 
 def _check_fallback(byte2str_fallback: str) -> None:
     if byte2str_fallback not in FALLBACKS:
-        raise ValueError(
-            f"byte2str_fallback must be one of {FALLBACKS}, not {byte2str_fallback!r}"
-        )
+        raise ValueError(f"byte2str_fallback must be one of {FALLBACKS}, not {byte2str_fallback!r}")
 
 
 def _slow_tokenizer_decoder(tokenizer: Any) -> dict[str, Any]:
@@ -251,4 +251,3 @@ def byte_vocab_from_tokenizer_json(text: str) -> list[bytes]:
 def byte_vocab_from_gguf(path: str | os.PathLike[str]) -> list[bytes]:
     """The bytes of every token id of a GGUF file's vocabulary (``tokenizer.ggml.*``)."""
     return _core.vocab_from_gguf(os.fspath(path), "tokenizer")[0]
-

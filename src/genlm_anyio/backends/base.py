@@ -1,6 +1,7 @@
 """The interface every language-model backend implements, and what they share:
 input validation, LoRA adapter registration, batching, sampling, and the
 context-manager protocol."""
+
 from __future__ import annotations
 
 import abc
@@ -8,8 +9,9 @@ import itertools
 import operator
 import threading
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import anyio
 import torch
@@ -58,7 +60,7 @@ class RequestFailed:
     message: str
 
     @classmethod
-    def adapter_removed(cls, adapter: Adapter) -> "RequestFailed":
+    def adapter_removed(cls, adapter: Adapter) -> RequestFailed:
         """The answer for a request whose adapter was removed or replaced after it was submitted."""
         return cls(ValueError, f"the LoRA adapter {adapter.name!r} was removed or replaced before this request ran")
 
@@ -92,9 +94,13 @@ def _as_ids(token_ids: Any, vocab_size: int, name: str = "token_ids") -> TokenId
     """``token_ids`` as a tuple of ints in ``[0, vocab_size)``, or a named error."""
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.is_complex():
-            raise TypeError(f"{name} must be a 1-D integer tensor, not {token_ids.dtype} of shape {tuple(token_ids.shape)}")
+            raise TypeError(
+                f"{name} must be a 1-D integer tensor, not {token_ids.dtype} of shape {tuple(token_ids.shape)}"
+            )
         token_ids = token_ids.tolist()
-    elif isinstance(token_ids, (str, bytes)) or not isinstance(token_ids, Sequence) and not hasattr(token_ids, "__array__"):
+    elif isinstance(token_ids, (str, bytes)) or (
+        not isinstance(token_ids, Sequence) and not hasattr(token_ids, "__array__")
+    ):
         raise TypeError(f"{name} must be a sequence of token ids, not {type(token_ids).__name__}")
     ids = []
     for i, t in enumerate(token_ids):
@@ -174,10 +180,10 @@ class AsyncLM(abc.ABC):
         """Free ``adapter``'s weights and every cached result computed with it."""
         raise NotImplementedError(f"{type(self).__name__} does not support LoRA adapters")
 
-    def clear_cache(self) -> None:
+    def clear_cache(self) -> None:  # noqa: B027 - optional: backends with caches override it
         """Drop every cached computation (no-op where nothing is cached)."""
 
-    def _release(self) -> None:
+    def _release(self) -> None:  # noqa: B027 - optional: backends holding resources override it
         """Free the backend's resources (the batcher is already closed)."""
 
     # -- LoRA adapters ----------------------------------------------------------------
@@ -285,7 +291,9 @@ class AsyncLM(abc.ABC):
         self, token_ids_list: Sequence[Sequence[int]], lora_name: str | None = None
     ) -> torch.Tensor:
         """:meth:`next_token_logprobs` of each sequence: float32 ``(len(token_ids_list), vocab_size)``."""
-        return torch.stack([self._result(r) for r in await self._batcher.submit_many(self._many(token_ids_list, lora_name))])
+        return torch.stack(
+            [self._result(r) for r in await self._batcher.submit_many(self._many(token_ids_list, lora_name))]
+        )
 
     def batch_next_token_logprobs_sync(
         self, token_ids_list: Sequence[Sequence[int]], lora_name: str | None = None
@@ -384,17 +392,17 @@ class AsyncLM(abc.ABC):
                 stacklevel=2,
             )
 
-    async def aclose(self, timeout: float | None = 60.0) -> None:
+    async def aclose(self, timeout: float | None = 60.0) -> None:  # noqa: ASYNC109 - close()'s own timeout
         """:meth:`close`, without blocking the event loop while a running batch finishes."""
         await anyio.to_thread.run_sync(self.close, timeout)
 
-    def __enter__(self) -> "AsyncLM":
+    def __enter__(self) -> AsyncLM:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    async def __aenter__(self) -> "AsyncLM":
+    async def __aenter__(self) -> AsyncLM:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

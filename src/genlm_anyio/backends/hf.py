@@ -1,15 +1,17 @@
 """The Hugging Face transformers backend, with a prefix KV cache per token and
 LoRA adapters (peft) that share forward passes."""
+
 from __future__ import annotations
 
 import contextlib
 import inspect
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -152,7 +154,7 @@ class AsyncTransformer(AsyncLM):
         bitsandbytes_opts: dict[str, Any] | None = None,
         hf_opts: dict[str, Any] | None = None,
         **kwargs: Any,
-    ) -> "AsyncTransformer":
+    ) -> AsyncTransformer:
         """Load ``model_id`` (a hub id, a local folder, or a ``.gguf`` file) with transformers.
 
         ``bitsandbytes_opts`` build a ``BitsAndBytesConfig`` (quantization; needs
@@ -243,7 +245,9 @@ class AsyncTransformer(AsyncLM):
         try:
             import peft  # noqa: F401
         except ImportError as exc:
-            raise ImportError("LoRA adapters on the transformers backend need peft: pip install 'genlm-anyio[lora]'") from exc
+            raise ImportError(
+                "LoRA adapters on the transformers backend need peft: pip install 'genlm-anyio[lora]'"
+            ) from exc
         with self._lock:
             if replaced is not None:
                 self._drop_adapter(replaced)
@@ -414,11 +418,17 @@ class AsyncTransformer(AsyncLM):
         # Per layer (batch, heads, width, dim) -> (batch * width, layers, heads, dim), rows kept.
         flat = (-1, cache.heads, cache.head_dim)
         keys = torch.stack(
-            [_layer_kv(kv, layer)[0][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index) for layer in range(cache.layers)],
+            [
+                _layer_kv(kv, layer)[0][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index)
+                for layer in range(cache.layers)
+            ],
             dim=1,
         )
         values = torch.stack(
-            [_layer_kv(kv, layer)[1][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index) for layer in range(cache.layers)],
+            [
+                _layer_kv(kv, layer)[1][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index)
+                for layer in range(cache.layers)
+            ],
             dim=1,
         )
         try:

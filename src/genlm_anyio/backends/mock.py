@@ -1,4 +1,5 @@
 """A fake language model over a real tokenizer's vocabulary, for users' tests."""
+
 from __future__ import annotations
 
 import hashlib
@@ -24,7 +25,7 @@ class MockAsyncLM(AsyncLM):
         self.computed = 0
 
     @classmethod
-    def from_name(cls, model_name: str, **kwargs: Any) -> "MockAsyncLM":
+    def from_name(cls, model_name: str, **kwargs: Any) -> MockAsyncLM:
         """A mock over the tokenizer of ``model_name`` (a hub id or a local folder);
         ``kwargs`` go to the constructor."""
         from transformers import AutoTokenizer

@@ -1,7 +1,9 @@
 """The vLLM backend: the same API as the transformers backend, on vLLM's engine."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from .base import Adapter, AsyncLM, SampleRequest, TokenIds
 from .vllm_engine import Request, VLLMEngine
@@ -40,7 +42,7 @@ class AsyncVirtualLM(AsyncLM):
         )
 
     @classmethod
-    def from_name(cls, model_name: str, engine_opts: dict[str, Any] | None = None, **opts: Any) -> "AsyncVirtualLM":
+    def from_name(cls, model_name: str, engine_opts: dict[str, Any] | None = None, **opts: Any) -> AsyncVirtualLM:
         """Start a vLLM engine for ``model_name`` (a hub id or a local folder).
 
         ``engine_opts`` are ``vllm.EngineArgs`` fields (``tensor_parallel_size``,

@@ -18,13 +18,15 @@ recompute each sequence's partial last block.
 Checked against vLLM 0.32. If a later vLLM moves these pieces, :class:`VLLMEngine`
 fails at construction with an error that names the installed version.
 """
+
 from __future__ import annotations
 
 import inspect
 import itertools
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence, Union
+from typing import Any, Union
 
 import numpy as np
 import torch
@@ -138,7 +140,7 @@ class VLLMEngine:
         self.max_model_len: int = config.max_model_len
 
     @classmethod
-    def from_options(cls, model: str, engine_opts: dict[str, Any]) -> "VLLMEngine":
+    def from_options(cls, model: str, engine_opts: dict[str, Any]) -> VLLMEngine:
         """Start an engine for ``model``; ``engine_opts`` are ``vllm.EngineArgs`` fields."""
         vllm_version()
         from vllm import EngineArgs
@@ -293,7 +295,9 @@ class VLLMEngine:
         must be registered (:meth:`add_lora`)."""
         with self._lock:
             # A request whose adapter was removed after it was submitted fails alone.
-            stale = {i: r.adapter for i, r in enumerate(requests) if r.adapter is not None and r.adapter not in self._loras}
+            stale = {
+                i: r.adapter for i, r in enumerate(requests) if r.adapter is not None and r.adapter not in self._loras
+            }
             if not stale:
                 return self._run(requests)
             ran = iter(self._run([r for i, r in enumerate(requests) if i not in stale]))
@@ -344,7 +348,9 @@ class VLLMEngine:
                         if output.finish_reason is not None:
                             waiting.discard(rid)
                             if rid not in sampled and results[where[rid]] is None:
-                                raise RuntimeError(f"vLLM ended a request without its logprobs ({output.finish_reason})")
+                                raise RuntimeError(
+                                    f"vLLM ended a request without its logprobs ({output.finish_reason})"
+                                )
         except BaseException:
             # Leave the engine with nothing of this batch in flight or idle.
             self._retire(list(idle.values()) + [rid for rid in where if rid not in sampled or rid in waiting])

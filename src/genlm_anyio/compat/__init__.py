@@ -21,16 +21,17 @@ not genlm-backend is installed. Three ways to switch:
 Installing imports nothing heavy: each ``genlm.backend`` module is resolved when
 it is first imported.
 """
+
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import importlib.abc
 import importlib.machinery
+import importlib.util
 import os
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 __all__ = ["ENV_VAR", "install", "installed", "target_of", "uninstall"]
 

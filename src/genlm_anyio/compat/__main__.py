@@ -1,5 +1,6 @@
 """``python -m genlm_anyio.compat [-m MODULE | SCRIPT] [ARGS...]``: run a program
 written for genlm-backend on genlm-anyio, unchanged."""
+
 from __future__ import annotations
 
 import os

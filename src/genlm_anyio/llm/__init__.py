@@ -3,6 +3,7 @@
 The implementations are in :mod:`genlm_anyio.backends`; this path exists so that
 code written for ``genlm.backend.llm`` ports by changing the import.
 """
+
 from ..backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
 from ..loading import load_model_by_name
 

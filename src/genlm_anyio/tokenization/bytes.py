@@ -5,10 +5,12 @@ reads the tokenizer's own serialized form). ``check_byte_decoder`` checks a
 character-to-byte table, as used by byte-level BPE tokenizers, against a
 tokenizer.
 """
+
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..vocab import ByteVocabError, get_byte_vocab
 
@@ -78,8 +80,7 @@ def get_byte_tokens_from_byte_decoder(tokenizer: Any, byte_decoder: Mapping[str,
     added = _added_ids(tokenizer)
     pieces = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
     return [
-        added[i].encode() if i in added else bytes(byte_decoder[c] for c in piece)
-        for i, piece in enumerate(pieces)
+        added[i].encode() if i in added else bytes(byte_decoder[c] for c in piece) for i, piece in enumerate(pieces)
     ]
 
 

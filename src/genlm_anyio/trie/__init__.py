@@ -4,6 +4,7 @@
 does its sums and maxima in torch (on a GPU where there is one);
 :class:`AsyncTokenCharacterTrie` batches reductions from concurrent tasks.
 """
+
 from .async_trie import AsyncTokenCharacterTrie
 from .parallel import ParallelTokenCharacterTrie
 from .rust import TokenCharacterTrie

@@ -1,7 +1,9 @@
 """Autobatched trie reductions for concurrent tasks."""
+
 from __future__ import annotations
 
-from typing import Any, Awaitable, Sequence
+from collections.abc import Awaitable, Sequence
+from typing import Any
 
 import anyio
 import numpy as np
@@ -42,7 +44,7 @@ class AsyncTokenCharacterTrie:
         self._stats = None
 
     @classmethod
-    def from_vocab(cls, vocab: Sequence[Any], backend: str = "parallel", **kwargs: Any) -> "AsyncTokenCharacterTrie":
+    def from_vocab(cls, vocab: Sequence[Any], backend: str = "parallel", **kwargs: Any) -> AsyncTokenCharacterTrie:
         """Build the trie of ``vocab``: ``backend`` ``"parallel"`` (torch, ``device=``
         in ``kwargs``; the default, as in genlm-backend) or ``"sequential"`` (the
         Rust core; also ``"rust"``)."""
@@ -126,7 +128,7 @@ class AsyncTokenCharacterTrie:
         """:meth:`shutdown`, without blocking the event loop."""
         await anyio.to_thread.run_sync(self.shutdown)
 
-    async def __aenter__(self) -> "AsyncTokenCharacterTrie":
+    async def __aenter__(self) -> AsyncTokenCharacterTrie:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

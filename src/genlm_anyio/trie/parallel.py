@@ -1,7 +1,9 @@
 """The trie's sums and maxima as torch operations, on a GPU where there is one."""
+
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch

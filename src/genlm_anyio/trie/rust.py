@@ -3,6 +3,7 @@
 :class:`TokenCharacterTrie` runs on the Rust core (flat arrays, rayon across
 batch rows, the GIL released while it computes).
 """
+
 from __future__ import annotations
 
 import sys
@@ -55,13 +56,17 @@ class TokenCharacterTrie:
             try:
                 seen = others.setdefault(item, i)
             except TypeError:
-                raise TypeError(f"decode[{i}] must be bytes, a Token or a hashable iterable, not {type(item).__name__}") from None
+                raise TypeError(
+                    f"decode[{i}] must be bytes, a Token or a hashable iterable, not {type(item).__name__}"
+                ) from None
             if seen != i:
                 raise ValueError(f"Duplicate word in vocabulary: {item!r} (entries {seen} and {i})")
             try:
                 letters = iter(item)
             except TypeError:
-                raise TypeError(f"decode[{i}] must be bytes, a Token or an iterable of symbols, not {type(item).__name__}") from None
+                raise TypeError(
+                    f"decode[{i}] must be bytes, a Token or an iterable of symbols, not {type(item).__name__}"
+                ) from None
             out = []
             for letter in letters:
                 try:
@@ -83,9 +88,7 @@ class TokenCharacterTrie:
             )
         if duplicate is not None:
             earlier, later = duplicate
-            raise ValueError(
-                f"Duplicate word in vocabulary: {self._word_key(later)!r} (entries {earlier} and {later})"
-            )
+            raise ValueError(f"Duplicate word in vocabulary: {self._word_key(later)!r} (entries {earlier} and {later})")
         self.vocab_size: int = self._core.vocab_size
         self.num_nodes: int = self._core.num_nodes
         self.root: int = self._core.root
@@ -115,14 +118,14 @@ class TokenCharacterTrie:
         return label if label < 256 else self._symbols[label - 256]
 
     @cached_property
-    def children(self) -> "Sequence[dict[Any, int]]":
+    def children(self) -> Sequence[dict[Any, int]]:
         """Per node, a dict from edge to child, in increasing child order: a symbol
         (an ``int`` for a byte) to a prefix node, ``(None, i)`` to entry ``i``'s leaf.
         A sequence of length ``num_nodes`` whose dicts are made on first access."""
         return _Children(self)
 
     @cached_property
-    def jump(self) -> "Sequence[np.ndarray]":
+    def jump(self) -> Sequence[np.ndarray]:
         """Per node, its children's ids as a sorted int32 array."""
         return _Jump(self)
 
@@ -150,7 +153,7 @@ class TokenCharacterTrie:
         return np.flatnonzero(tokens < 0)
 
     @cached_property
-    def node2prefix(self) -> "Mapping[int, list[Any]]":
+    def node2prefix(self) -> Mapping[int, list[Any]]:
         """Node to the list of symbols on the path to it (a leaf: its entry's),
         made on access."""
         return _Node2Prefix(self)
@@ -328,9 +331,7 @@ class TokenCharacterTrie:
         if not 0 <= state < table.shape[0]:
             raise ValueError(f"state {state} is outside [0, {table.shape[0]})")
         live_arr = np.ascontiguousarray(live_arr)
-        return self._mask(
-            self._core.dfa_mask, address(table), table.shape[0], int(state), address(live_arr)
-        )
+        return self._mask(self._core.dfa_mask, address(table), table.shape[0], int(state), address(live_arr))
 
 
 def _as_bytes(data: Any, name: str) -> bytes:
