@@ -122,6 +122,36 @@ def smollm2_dir() -> Path:
     return SMOLLM2_DIR
 
 
+LORA_TOY_DIR = CACHE / "SmolLM2-lora-toy"
+MERGED_TOY_DIR = CACHE / "SmolLM2-merged-toy"
+
+
+def smollm2_lora_toy() -> tuple[Path, Path]:
+    """A small LoRA adapter on SmolLM2 (query and value projections, rank 8, fixed
+    random B matrices) and the model with it merged in: the stand-ins for the hub
+    adapters that genlm-backend's LoRA tests name. Built once with peft."""
+    if not (MERGED_TOY_DIR / "config.json").exists():
+        import torch
+        from peft import LoraConfig, get_peft_model
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        _log("building a toy LoRA adapter on SmolLM2 with peft")
+        base = AutoModelForCausalLM.from_pretrained(smollm2_dir(), dtype=torch.float32)
+        model = get_peft_model(base, LoraConfig(r=8, target_modules=["q_proj", "v_proj"]))
+        generator = torch.Generator().manual_seed(1234)
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:  # B starts at zero: give the adapter an effect
+                    param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+        model.save_pretrained(LORA_TOY_DIR)
+        merged = model.merge_and_unload()
+        tmp = MERGED_TOY_DIR.with_suffix(".tmp")
+        merged.save_pretrained(tmp)
+        AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(tmp)
+        tmp.rename(MERGED_TOY_DIR)
+    return LORA_TOY_DIR, MERGED_TOY_DIR
+
+
 def main(argv: list[str]) -> None:
     what = argv[1] if len(argv) > 1 else "all"
     if what in ("vocabs", "all"):

@@ -54,6 +54,7 @@ MODELS = (
     "gpt2",
     "HuggingFaceTB/SmolLM-135M",
 )
+# Hub LoRA adapters -> a toy adapter on SmolLM2 built with peft (and its merged model).
 # Hub tokenizers -> the closest local tokenizer (same family or same kind of model).
 TOKENIZERS = {
     "meta-llama/Meta-Llama-3-8B": "llama-bpe",
@@ -93,6 +94,8 @@ class Result:
 def _substitutions() -> dict[str, str]:
     smollm2 = str(assets.smollm2_dir())
     table = {name: smollm2 for name in MODELS}
+    lora, merged = assets.smollm2_lora_toy()
+    table.update({"vxef/smol_lora_toy": str(lora), "vxef/smol_merged_toy": str(merged)})
     table.update({name: str(assets.tokenizer_dir(local)) for name, local in TOKENIZERS.items()})
     return table
 
