@@ -46,6 +46,9 @@ class Gated:
         self.started = threading.Event()
         self.fault: BaseException | None = None
 
+    def __getattr__(self, name):  # everything but the forward pass is the model's
+        return getattr(self.model, name)
+
     def __call__(self, *args, **kwargs):
         self.started.set()
         self.go.wait()
