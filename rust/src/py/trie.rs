@@ -14,7 +14,7 @@ fn to_py_err(e: TrieError) -> PyErr {
 }
 
 /// The flat trie over a vocabulary's byte strings.
-#[pyclass(module = "genlm_anyio._core", name = "TrieCore", frozen)]
+#[pyclass(module = "genlm_anyio._core", name = "TrieCore", frozen, text_signature = "(items, encode)")]
 pub struct PyTrie {
     inner: Trie,
     first_plain: Option<usize>,
@@ -158,6 +158,7 @@ impl PyTrie {
 
     /// `(label, child)` pairs in increasing child order; the label is the edge's
     /// symbol, or `-1 - i` for the leaf of entry `i`.
+    #[pyo3(text_signature = "($self, node)")]
     fn children(&self, node: u32) -> PyResult<Vec<(i64, u32)>> {
         let node = self.check_node(node)?;
         Ok(self
@@ -171,42 +172,50 @@ impl PyTrie {
             .collect())
     }
 
+    #[pyo3(text_signature = "($self, prefix)")]
     fn node_of(&self, prefix: &[u8]) -> Option<u32> {
         self.inner.node_of_bytes(prefix)
     }
 
     /// The symbols from the root to `node`.
+    #[pyo3(text_signature = "($self, node)")]
     fn prefix(&self, node: u32) -> PyResult<Vec<u32>> {
         Ok(self.inner.prefix(self.check_node(node)?))
     }
 
+    #[pyo3(text_signature = "($self, node)")]
     fn parent(&self, node: u32) -> PyResult<Option<u32>> {
         Ok(self.inner.parent(self.check_node(node)?))
     }
 
     /// `(start, stop)` of the node's entries in the sorted entry order.
+    #[pyo3(text_signature = "($self, node)")]
     fn tokens_under_range(&self, node: u32) -> PyResult<(usize, usize)> {
         Ok(self.inner.tokens_under_range(self.check_node(node)?))
     }
 
     /// Fill the int64 array at `out` (length V) with the entries in trie order.
+    #[pyo3(text_signature = "($self, out)")]
     fn sorted_tokens(&self, out: usize) -> PyResult<()> {
         self.fill_i64(out, self.inner.vocab_size(), self.inner.sorted_tokens().iter().map(|&t| i64::from(t)))
     }
 
     /// Fill the int64 array at `out` (length V) with each entry's leaf.
+    #[pyo3(text_signature = "($self, out)")]
     fn token_leaves(&self, out: usize) -> PyResult<()> {
         let v = self.inner.vocab_size();
         self.fill_i64(out, v, (0..v).map(|t| i64::from(self.inner.token_leaf(t))))
     }
 
     /// Fill the int64 array at `out` (length num_nodes) with each leaf's entry (-1 for prefix nodes).
+    #[pyo3(text_signature = "($self, out)")]
     fn node_tokens(&self, out: usize) -> PyResult<()> {
         let n = self.inner.num_nodes() as u32;
         self.fill_i64(out, n as usize, (0..n).map(|c| self.inner.leaf_token(c).map_or(-1, i64::from)))
     }
 
     /// Fill the int64 array at `out` (length num_nodes) with each node's parent (the root's is itself).
+    #[pyo3(text_signature = "($self, out)")]
     fn parents(&self, out: usize) -> PyResult<()> {
         let n = self.inner.num_nodes() as u32;
         self.fill_i64(out, n as usize, (0..n).map(|c| i64::from(self.inner.parent(c).unwrap_or(c))))
@@ -216,6 +225,7 @@ impl PyTrie {
     /// (`wide=False`) or float64 array at `ws`, of shape (V,) or (rows, V), into
     /// the float64 array at `out`, (num_nodes,) or (rows, num_nodes); the GIL is
     /// released while it computes.
+    #[pyo3(text_signature = "($self, kind, ws, wide, rows, out)")]
     fn reduce(&self, py: Python<'_>, kind: &str, ws: usize, wide: bool, rows: Option<usize>, out: usize) -> PyResult<()> {
         let reduction = match kind {
             "sum" => Reduction::Sum,
@@ -238,17 +248,20 @@ impl PyTrie {
     }
 
     /// Tokens whose bytes start with `prefix`, into the bool mask at `out`.
+    #[pyo3(text_signature = "($self, prefix, out)")]
     fn mask_startswith(&self, prefix: &[u8], out: usize) -> PyResult<()> {
         self.inner.mask_startswith(prefix, self.mask_out(out)?).map_err(to_py_err)
     }
 
     /// Tokens whose bytes are a prefix of `data`.
+    #[pyo3(text_signature = "($self, data, out)")]
     fn mask_prefix_of(&self, data: &[u8], out: usize) -> PyResult<()> {
         self.inner.mask_prefix_of(data, self.mask_out(out)?).map_err(to_py_err)
     }
 
     /// Tokens whose bytes drive the DFA at `transitions` (int32, (n_states, 256))
     /// from `state` through live states only; `live` is a bool array (n_states,).
+    #[pyo3(text_signature = "($self, transitions, n_states, state, live, out)")]
     fn dfa_mask(&self, py: Python<'_>, transitions: usize, n_states: usize, state: i64, live: usize, out: usize) -> PyResult<()> {
         let table = unsafe { slice::<i32>(transitions, n_states * 256, "transitions")? };
         let live: Vec<bool> = unsafe { slice::<u8>(live, n_states, "live")? }.iter().map(|&b| b != 0).collect();

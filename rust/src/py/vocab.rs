@@ -37,6 +37,7 @@ fn to_python(py: Python<'_>, (bytes, strings): Decoded) -> (PyObject, PyObject) 
 
 /// Decode a `tokenizers` JSON (`backend_tokenizer.to_str()` or `tokenizer.json`).
 #[pyfunction]
+#[pyo3(text_signature = "(text, fallback)")]
 fn vocab_from_tokenizer_json(py: Python<'_>, text: &str, fallback: &str) -> PyResult<(PyObject, PyObject)> {
     no_panic("vocab_from_tokenizer_json", || {
         let fallback = parse_fallback(fallback)?;
@@ -50,6 +51,7 @@ fn vocab_from_tokenizer_json(py: Python<'_>, text: &str, fallback: &str) -> PyRe
 /// Decode pieces listed by id (`None` for an unused id) with a decoder given as
 /// `tokenizers` decoder JSON; ids flagged in `verbatim` are their text as written.
 #[pyfunction]
+#[pyo3(text_signature = "(pieces, verbatim, decoder, fallback)")]
 fn vocab_from_pieces(
     py: Python<'_>,
     pieces: Vec<Option<String>>,
@@ -83,6 +85,7 @@ fn vocab_from_pieces(
 
 /// Decode the vocabulary stored in a GGUF file.
 #[pyfunction]
+#[pyo3(text_signature = "(path, fallback)")]
 fn vocab_from_gguf(py: Python<'_>, path: PathBuf, fallback: &str) -> PyResult<(PyObject, PyObject)> {
     no_panic("vocab_from_gguf", || {
         let fallback = parse_fallback(fallback)?;
