@@ -3,8 +3,8 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::PyTypeInfo;
 use pyo3::types::{PyBytes, PyLong};
+use pyo3::PyTypeInfo;
 
 use super::buffers::{slice, slice_mut};
 use crate::trie::{Trie, TrieError, Weight, WordKey};
@@ -119,7 +119,8 @@ impl PyTrie {
             if encoded.is_empty() {
                 return Trie::from_words(&byte_words, &keys);
             }
-            let mut words: Vec<Vec<u32>> = byte_words.iter().map(|w| w.iter().map(|&b| u32::from(b)).collect()).collect();
+            let mut words: Vec<Vec<u32>> =
+                byte_words.iter().map(|w| w.iter().map(|&b| u32::from(b)).collect()).collect();
             for (i, symbols) in encoded {
                 words[i] = symbols;
             }
@@ -226,7 +227,15 @@ impl PyTrie {
     /// the float64 array at `out`, (num_nodes,) or (rows, num_nodes); the GIL is
     /// released while it computes.
     #[pyo3(text_signature = "($self, kind, ws, wide, rows, out)")]
-    fn reduce(&self, py: Python<'_>, kind: &str, ws: usize, wide: bool, rows: Option<usize>, out: usize) -> PyResult<()> {
+    fn reduce(
+        &self,
+        py: Python<'_>,
+        kind: &str,
+        ws: usize,
+        wide: bool,
+        rows: Option<usize>,
+        out: usize,
+    ) -> PyResult<()> {
         let reduction = match kind {
             "sum" => Reduction::Sum,
             "max" => Reduction::Max,
@@ -262,7 +271,15 @@ impl PyTrie {
     /// Tokens whose bytes drive the DFA at `transitions` (int32, (n_states, 256))
     /// from `state` through live states only; `live` is a bool array (n_states,).
     #[pyo3(text_signature = "($self, transitions, n_states, state, live, out)")]
-    fn dfa_mask(&self, py: Python<'_>, transitions: usize, n_states: usize, state: i64, live: usize, out: usize) -> PyResult<()> {
+    fn dfa_mask(
+        &self,
+        py: Python<'_>,
+        transitions: usize,
+        n_states: usize,
+        state: i64,
+        live: usize,
+        out: usize,
+    ) -> PyResult<()> {
         let table = unsafe { slice::<i32>(transitions, n_states * 256, "transitions")? };
         let live: Vec<bool> = unsafe { slice::<u8>(live, n_states, "live")? }.iter().map(|&b| b != 0).collect();
         let dst = self.mask_out(out)?;

@@ -18,9 +18,7 @@ fn to_py_err(e: VocabError) -> PyErr {
 
 fn parse_fallback(name: &str) -> PyResult<StrFallback> {
     StrFallback::parse(name).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "byte2str_fallback must be 'tokenizer', 'latin1' or 'replace', not {name:?}"
-        ))
+        PyValueError::new_err(format!("byte2str_fallback must be 'tokenizer', 'latin1' or 'replace', not {name:?}"))
     })
 }
 
@@ -89,9 +87,8 @@ fn vocab_from_pieces(
 fn vocab_from_gguf(py: Python<'_>, path: PathBuf, fallback: &str) -> PyResult<(PyObject, PyObject)> {
     no_panic("vocab_from_gguf", || {
         let fallback = parse_fallback(fallback)?;
-        let decoded = py
-            .allow_threads(|| gguf_vocab::read(&path).and_then(|raw| decode(&raw, fallback)))
-            .map_err(to_py_err)?;
+        let decoded =
+            py.allow_threads(|| gguf_vocab::read(&path).and_then(|raw| decode(&raw, fallback))).map_err(to_py_err)?;
         Ok(to_python(py, decoded))
     })
 }
