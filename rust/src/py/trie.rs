@@ -61,8 +61,13 @@ impl PyTrie {
         Ok(())
     }
 
-    fn mask_out(&self, out: usize) -> PyResult<&mut [u8]> {
-        unsafe { slice_mut::<u8>(out, self.inner.vocab_size(), "out") }
+    /// The bool mask of length V at `out`. Its lifetime is the call's, not `self`'s.
+    ///
+    /// # Safety
+    /// As for [`slice_mut`]: `out` addresses V writable bytes that nothing else
+    /// borrows while the mask lives.
+    unsafe fn mask_out<'a>(&self, out: usize) -> PyResult<&'a mut [u8]> {
+        slice_mut::<u8>(out, self.inner.vocab_size(), "out")
     }
 }
 
@@ -259,13 +264,13 @@ impl PyTrie {
     /// Tokens whose bytes start with `prefix`, into the bool mask at `out`.
     #[pyo3(text_signature = "($self, prefix, out)")]
     fn mask_startswith(&self, prefix: &[u8], out: usize) -> PyResult<()> {
-        self.inner.mask_startswith(prefix, self.mask_out(out)?).map_err(to_py_err)
+        self.inner.mask_startswith(prefix, unsafe { self.mask_out(out)? }).map_err(to_py_err)
     }
 
     /// Tokens whose bytes are a prefix of `data`.
     #[pyo3(text_signature = "($self, data, out)")]
     fn mask_prefix_of(&self, data: &[u8], out: usize) -> PyResult<()> {
-        self.inner.mask_prefix_of(data, self.mask_out(out)?).map_err(to_py_err)
+        self.inner.mask_prefix_of(data, unsafe { self.mask_out(out)? }).map_err(to_py_err)
     }
 
     /// Tokens whose bytes drive the DFA at `transitions` (int32, (n_states, 256))
@@ -282,7 +287,7 @@ impl PyTrie {
     ) -> PyResult<()> {
         let table = unsafe { slice::<i32>(transitions, n_states * 256, "transitions")? };
         let live: Vec<bool> = unsafe { slice::<u8>(live, n_states, "live")? }.iter().map(|&b| b != 0).collect();
-        let dst = self.mask_out(out)?;
+        let dst = unsafe { self.mask_out(out)? };
         let trie = &self.inner;
         py.allow_threads(|| trie.dfa_mask(table, n_states, state, &live, dst)).map_err(to_py_err)
     }
