@@ -25,7 +25,10 @@ const NONE: u32 = u32::MAX;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TrieError {
     /// A NaN weight at `index` (in batch row `row`; None for a single vector).
-    NanWeight { row: Option<usize>, index: usize },
+    NanWeight {
+        row: Option<usize>,
+        index: usize,
+    },
     BadShape(String),
     BadDfa(String),
 }
@@ -115,7 +118,11 @@ impl Reduce for Max {
     const PROPAGATES_NAN: bool = false;
     #[inline]
     fn push(acc: f64, w: f64) -> f64 {
-        if w > acc { w } else { acc }
+        if w > acc {
+            w
+        } else {
+            acc
+        }
     }
     #[inline]
     fn merge(a: f64, b: f64) -> f64 {
@@ -154,7 +161,11 @@ impl Reduce for LogSumExp {
     }
     #[inline]
     fn value((m, s): (f64, f64)) -> f64 {
-        if m.is_finite() { m + s.ln() } else { m }
+        if m.is_finite() {
+            m + s.ln()
+        } else {
+            m
+        }
     }
 }
 
@@ -346,7 +357,8 @@ impl Trie {
                 chain_top.push(c as u32);
             }
         }
-        let chain_parent: Vec<u32> = chain_top.iter().map(|&top| node_chain[node_parent[top as usize] as usize]).collect();
+        let chain_parent: Vec<u32> =
+            chain_top.iter().map(|&top| node_chain[node_parent[top as usize] as usize]).collect();
         let token_chain = token_leaf.iter().map(|&leaf| node_chain[leaf as usize]).collect();
         Trie {
             lex_parent,

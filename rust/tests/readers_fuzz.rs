@@ -71,7 +71,8 @@ fn any_json() -> impl Strategy<Value = Value> {
 }
 
 fn decoder() -> impl Strategy<Value = Value> {
-    let kinds = ["ByteLevel", "ByteFallback", "Replace", "Metaspace", "WordPiece", "BPEDecoder", "Fuse", "Strip", "CTC"];
+    let kinds =
+        ["ByteLevel", "ByteFallback", "Replace", "Metaspace", "WordPiece", "BPEDecoder", "Fuse", "Strip", "CTC"];
     let step = (prop::sample::select(kinds.to_vec()), "[a-z▁#<>]{0,3}", "[a-z ▁]{0,4}", any_json()).prop_map(
         |(kind, pattern, content, other)| {
             json!({"type": kind, "pattern": {"String": pattern}, "content": content,
@@ -194,7 +195,10 @@ fn gguf_file() -> impl Strategy<Value = (Vec<u8>, Vec<Vec<u8>>)> {
 
 /// Hostile edits of a binary file: counts and types overwritten, bits flipped, bytes inserted or cut.
 fn binary_edits() -> impl Strategy<Value = Vec<(usize, u8, u64)>> {
-    prop::collection::vec((any::<usize>(), 0u8..5, prop_oneof![prop::sample::select(HOSTILE.to_vec()), any::<u64>()]), 1..5)
+    prop::collection::vec(
+        (any::<usize>(), 0u8..5, prop_oneof![prop::sample::select(HOSTILE.to_vec()), any::<u64>()]),
+        1..5,
+    )
 }
 
 fn apply_binary(mut b: Vec<u8>, edits: &[(usize, u8, u64)]) -> Vec<u8> {

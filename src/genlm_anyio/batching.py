@@ -36,7 +36,7 @@ import time
 import weakref
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, TypeVar, cast
 
 import anyio
 import anyio.lowlevel
@@ -122,12 +122,20 @@ def _loop_waker(callback: Callable[[], None]) -> Callable[[], None]:
         import asyncio
 
         loop = asyncio.get_running_loop()
-        return lambda: loop.call_soon_threadsafe(callback)
+
+        def wake_asyncio() -> None:
+            loop.call_soon_threadsafe(callback)
+
+        return wake_asyncio
     if library == "trio":
         import trio
 
         token = trio.lowlevel.current_trio_token()
-        return lambda: token.run_sync_soon(callback)
+
+        def wake_trio() -> None:
+            token.run_sync_soon(callback)
+
+        return wake_trio
     raise RuntimeError(f"unsupported async library {library!r}")
 
 
@@ -271,16 +279,16 @@ class Batcher(Generic[K, R]):
         with self._cond:
             reqs = [self._enqueue(key) for key in keys]
             self._release_all()
-        results: list[R | None] = [None] * len(reqs)
+        results: list[R] = []
         waiting = list(reqs)
         try:
-            for i, req in enumerate(reqs):
-                results[i] = await self._wait(req, abandon=False)
+            for req in reqs:
+                results.append(await self._wait(req, abandon=False))
                 waiting.remove(req)
         finally:
             for req in waiting:
                 self._abandon(req)
-        return results  # type: ignore[return-value]
+        return results
 
     def submit_sync(self, keys: Sequence[K]) -> list[R]:
         """Results for ``keys``, from a plain thread (blocks it)."""
@@ -299,7 +307,8 @@ class Batcher(Generic[K, R]):
     def _outcome(req: _Request[K, R]) -> R:
         if req.error is not None:
             raise _callers_error(req.error)
-        return req.result  # type: ignore[return-value]
+        # Without an error the batch stored this request's result (R may itself admit None).
+        return cast(R, req.result)
 
     async def _wait(self, req: _Request[K, R], abandon: bool = True) -> R:
         try:

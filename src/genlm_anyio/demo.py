@@ -26,7 +26,7 @@ async def sis(
     allowed = torch.tensor([i == eos or len(t) <= max_token_bytes for i, t in enumerate(llm.byte_vocab)]).float().log()
     only_eos = torch.full((llm.vocab_size,), -math.inf)
     only_eos[eos] = 0.0
-    states = [([], 0.0, True) for _ in range(particles)]
+    states: list[tuple[list[int], float, bool]] = [([], 0.0, True) for _ in range(particles)]
 
     async def extend(i: int) -> None:
         context, weight, _ = states[i]

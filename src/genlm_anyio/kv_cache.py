@@ -158,6 +158,7 @@ class PrefixKVCache:
         while len(self._free) < count:
             _, _, node = heapq.heappop(heap)
             parent = node.parent
+            assert parent is not None  # the root is never in the heap
             del parent.children[node.token]
             self._free.append(node.slot)
             self.stats.tokens_evicted += 1
@@ -213,6 +214,7 @@ class PrefixKVCache:
                 offset += len(tokens)
         except BaseException:
             for node in reversed(created):
+                assert node.parent is not None  # created below a path's node
                 del node.parent.children[node.token]
             created.clear()
             raise

@@ -84,21 +84,29 @@ class Token(bytes):
     def __lt__(self, other: object) -> bool:
         if isinstance(other, Token):
             return self.token_id < other.token_id
+        if not isinstance(other, bytes):
+            return NotImplemented
         return bytes.__lt__(self, other)
 
     def __le__(self, other: object) -> bool:
         if isinstance(other, Token):
             return self.token_id <= other.token_id
+        if not isinstance(other, bytes):
+            return NotImplemented
         return bytes.__le__(self, other)
 
     def __gt__(self, other: object) -> bool:
         if isinstance(other, Token):
             return self.token_id > other.token_id
+        if not isinstance(other, bytes):
+            return NotImplemented
         return bytes.__gt__(self, other)
 
     def __ge__(self, other: object) -> bool:
         if isinstance(other, Token):
             return self.token_id >= other.token_id
+        if not isinstance(other, bytes):
+            return NotImplemented
         return bytes.__ge__(self, other)
 
     def __reduce__(self) -> tuple[Any, tuple[int, bytes]]:

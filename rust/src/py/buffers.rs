@@ -11,7 +11,7 @@ use pyo3::exceptions::PyValueError;
 use pyo3::PyResult;
 
 fn check<T>(addr: usize, name: &str) -> PyResult<()> {
-    if addr == 0 || addr % std::mem::align_of::<T>() != 0 {
+    if addr == 0 || !addr.is_multiple_of(std::mem::align_of::<T>()) {
         return Err(PyValueError::new_err(format!("{name}: invalid array address")));
     }
     Ok(())

@@ -3,8 +3,8 @@
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
-use pyo3::PyTypeInfo;
 use pyo3::types::{PyBytes, PyLong};
+use pyo3::PyTypeInfo;
 
 use super::buffers::{slice, slice_mut};
 use crate::trie::{Trie, TrieError, Weight, WordKey};
@@ -14,7 +14,7 @@ fn to_py_err(e: TrieError) -> PyErr {
 }
 
 /// The flat trie over a vocabulary's byte strings.
-#[pyclass(module = "genlm_anyio._core", name = "TrieCore", frozen)]
+#[pyclass(module = "genlm_anyio._core", name = "TrieCore", frozen, text_signature = "(items, encode)")]
 pub struct PyTrie {
     inner: Trie,
     first_plain: Option<usize>,
@@ -61,8 +61,13 @@ impl PyTrie {
         Ok(())
     }
 
-    fn mask_out(&self, out: usize) -> PyResult<&mut [u8]> {
-        unsafe { slice_mut::<u8>(out, self.inner.vocab_size(), "out") }
+    /// The bool mask of length V at `out`. Its lifetime is the call's, not `self`'s.
+    ///
+    /// # Safety
+    /// As for [`slice_mut`]: `out` addresses V writable bytes that nothing else
+    /// borrows while the mask lives.
+    unsafe fn mask_out<'a>(&self, out: usize) -> PyResult<&'a mut [u8]> {
+        slice_mut::<u8>(out, self.inner.vocab_size(), "out")
     }
 }
 
@@ -119,7 +124,8 @@ impl PyTrie {
             if encoded.is_empty() {
                 return Trie::from_words(&byte_words, &keys);
             }
-            let mut words: Vec<Vec<u32>> = byte_words.iter().map(|w| w.iter().map(|&b| u32::from(b)).collect()).collect();
+            let mut words: Vec<Vec<u32>> =
+                byte_words.iter().map(|w| w.iter().map(|&b| u32::from(b)).collect()).collect();
             for (i, symbols) in encoded {
                 words[i] = symbols;
             }
@@ -158,6 +164,7 @@ impl PyTrie {
 
     /// `(label, child)` pairs in increasing child order; the label is the edge's
     /// symbol, or `-1 - i` for the leaf of entry `i`.
+    #[pyo3(text_signature = "($self, node)")]
     fn children(&self, node: u32) -> PyResult<Vec<(i64, u32)>> {
         let node = self.check_node(node)?;
         Ok(self
@@ -171,42 +178,50 @@ impl PyTrie {
             .collect())
     }
 
+    #[pyo3(text_signature = "($self, prefix)")]
     fn node_of(&self, prefix: &[u8]) -> Option<u32> {
         self.inner.node_of_bytes(prefix)
     }
 
     /// The symbols from the root to `node`.
+    #[pyo3(text_signature = "($self, node)")]
     fn prefix(&self, node: u32) -> PyResult<Vec<u32>> {
         Ok(self.inner.prefix(self.check_node(node)?))
     }
 
+    #[pyo3(text_signature = "($self, node)")]
     fn parent(&self, node: u32) -> PyResult<Option<u32>> {
         Ok(self.inner.parent(self.check_node(node)?))
     }
 
     /// `(start, stop)` of the node's entries in the sorted entry order.
+    #[pyo3(text_signature = "($self, node)")]
     fn tokens_under_range(&self, node: u32) -> PyResult<(usize, usize)> {
         Ok(self.inner.tokens_under_range(self.check_node(node)?))
     }
 
     /// Fill the int64 array at `out` (length V) with the entries in trie order.
+    #[pyo3(text_signature = "($self, out)")]
     fn sorted_tokens(&self, out: usize) -> PyResult<()> {
         self.fill_i64(out, self.inner.vocab_size(), self.inner.sorted_tokens().iter().map(|&t| i64::from(t)))
     }
 
     /// Fill the int64 array at `out` (length V) with each entry's leaf.
+    #[pyo3(text_signature = "($self, out)")]
     fn token_leaves(&self, out: usize) -> PyResult<()> {
         let v = self.inner.vocab_size();
         self.fill_i64(out, v, (0..v).map(|t| i64::from(self.inner.token_leaf(t))))
     }
 
     /// Fill the int64 array at `out` (length num_nodes) with each leaf's entry (-1 for prefix nodes).
+    #[pyo3(text_signature = "($self, out)")]
     fn node_tokens(&self, out: usize) -> PyResult<()> {
         let n = self.inner.num_nodes() as u32;
         self.fill_i64(out, n as usize, (0..n).map(|c| self.inner.leaf_token(c).map_or(-1, i64::from)))
     }
 
     /// Fill the int64 array at `out` (length num_nodes) with each node's parent (the root's is itself).
+    #[pyo3(text_signature = "($self, out)")]
     fn parents(&self, out: usize) -> PyResult<()> {
         let n = self.inner.num_nodes() as u32;
         self.fill_i64(out, n as usize, (0..n).map(|c| i64::from(self.inner.parent(c).unwrap_or(c))))
@@ -216,7 +231,16 @@ impl PyTrie {
     /// (`wide=False`) or float64 array at `ws`, of shape (V,) or (rows, V), into
     /// the float64 array at `out`, (num_nodes,) or (rows, num_nodes); the GIL is
     /// released while it computes.
-    fn reduce(&self, py: Python<'_>, kind: &str, ws: usize, wide: bool, rows: Option<usize>, out: usize) -> PyResult<()> {
+    #[pyo3(text_signature = "($self, kind, ws, wide, rows, out)")]
+    fn reduce(
+        &self,
+        py: Python<'_>,
+        kind: &str,
+        ws: usize,
+        wide: bool,
+        rows: Option<usize>,
+        out: usize,
+    ) -> PyResult<()> {
         let reduction = match kind {
             "sum" => Reduction::Sum,
             "max" => Reduction::Max,
@@ -238,21 +262,32 @@ impl PyTrie {
     }
 
     /// Tokens whose bytes start with `prefix`, into the bool mask at `out`.
+    #[pyo3(text_signature = "($self, prefix, out)")]
     fn mask_startswith(&self, prefix: &[u8], out: usize) -> PyResult<()> {
-        self.inner.mask_startswith(prefix, self.mask_out(out)?).map_err(to_py_err)
+        self.inner.mask_startswith(prefix, unsafe { self.mask_out(out)? }).map_err(to_py_err)
     }
 
     /// Tokens whose bytes are a prefix of `data`.
+    #[pyo3(text_signature = "($self, data, out)")]
     fn mask_prefix_of(&self, data: &[u8], out: usize) -> PyResult<()> {
-        self.inner.mask_prefix_of(data, self.mask_out(out)?).map_err(to_py_err)
+        self.inner.mask_prefix_of(data, unsafe { self.mask_out(out)? }).map_err(to_py_err)
     }
 
     /// Tokens whose bytes drive the DFA at `transitions` (int32, (n_states, 256))
     /// from `state` through live states only; `live` is a bool array (n_states,).
-    fn dfa_mask(&self, py: Python<'_>, transitions: usize, n_states: usize, state: i64, live: usize, out: usize) -> PyResult<()> {
+    #[pyo3(text_signature = "($self, transitions, n_states, state, live, out)")]
+    fn dfa_mask(
+        &self,
+        py: Python<'_>,
+        transitions: usize,
+        n_states: usize,
+        state: i64,
+        live: usize,
+        out: usize,
+    ) -> PyResult<()> {
         let table = unsafe { slice::<i32>(transitions, n_states * 256, "transitions")? };
         let live: Vec<bool> = unsafe { slice::<u8>(live, n_states, "live")? }.iter().map(|&b| b != 0).collect();
-        let dst = self.mask_out(out)?;
+        let dst = unsafe { self.mask_out(out)? };
         let trie = &self.inner;
         py.allow_threads(|| trie.dfa_mask(table, n_states, state, &live, dst)).map_err(to_py_err)
     }

@@ -18,9 +18,7 @@ fn to_py_err(e: VocabError) -> PyErr {
 
 fn parse_fallback(name: &str) -> PyResult<StrFallback> {
     StrFallback::parse(name).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "byte2str_fallback must be 'tokenizer', 'latin1' or 'replace', not {name:?}"
-        ))
+        PyValueError::new_err(format!("byte2str_fallback must be 'tokenizer', 'latin1' or 'replace', not {name:?}"))
     })
 }
 
@@ -37,6 +35,7 @@ fn to_python(py: Python<'_>, (bytes, strings): Decoded) -> (PyObject, PyObject) 
 
 /// Decode a `tokenizers` JSON (`backend_tokenizer.to_str()` or `tokenizer.json`).
 #[pyfunction]
+#[pyo3(text_signature = "(text, fallback)")]
 fn vocab_from_tokenizer_json(py: Python<'_>, text: &str, fallback: &str) -> PyResult<(PyObject, PyObject)> {
     no_panic("vocab_from_tokenizer_json", || {
         let fallback = parse_fallback(fallback)?;
@@ -50,6 +49,7 @@ fn vocab_from_tokenizer_json(py: Python<'_>, text: &str, fallback: &str) -> PyRe
 /// Decode pieces listed by id (`None` for an unused id) with a decoder given as
 /// `tokenizers` decoder JSON; ids flagged in `verbatim` are their text as written.
 #[pyfunction]
+#[pyo3(text_signature = "(pieces, verbatim, decoder, fallback)")]
 fn vocab_from_pieces(
     py: Python<'_>,
     pieces: Vec<Option<String>>,
@@ -83,12 +83,12 @@ fn vocab_from_pieces(
 
 /// Decode the vocabulary stored in a GGUF file.
 #[pyfunction]
+#[pyo3(text_signature = "(path, fallback)")]
 fn vocab_from_gguf(py: Python<'_>, path: PathBuf, fallback: &str) -> PyResult<(PyObject, PyObject)> {
     no_panic("vocab_from_gguf", || {
         let fallback = parse_fallback(fallback)?;
-        let decoded = py
-            .allow_threads(|| gguf_vocab::read(&path).and_then(|raw| decode(&raw, fallback)))
-            .map_err(to_py_err)?;
+        let decoded =
+            py.allow_threads(|| gguf_vocab::read(&path).and_then(|raw| decode(&raw, fallback))).map_err(to_py_err)?;
         Ok(to_python(py, decoded))
     })
 }

@@ -98,10 +98,7 @@ pub const fn max_token_bytes(piece_len: usize) -> usize {
 
 fn byte_level_bytes(piece: &[u8]) -> Result<Vec<u8>, VocabError> {
     let text = std::str::from_utf8(piece).map_err(|_| {
-        VocabError::Undecodable(format!(
-            "byte-level piece {:?} is not valid UTF-8",
-            String::from_utf8_lossy(piece)
-        ))
+        VocabError::Undecodable(format!("byte-level piece {:?} is not valid UTF-8", String::from_utf8_lossy(piece)))
     })?;
     let mut out = Vec::with_capacity(text.len());
     for c in text.chars() {

@@ -64,10 +64,10 @@ const TYPE_ARRAY: u32 = 9;
 /// The encoded size of a fixed-size value type.
 fn fixed_size(ty: u32) -> Option<u64> {
     match ty {
-        0 | 1 | 7 => Some(1),
-        2 | 3 => Some(2),
-        4 | 5 | 6 => Some(4),
-        10 | 11 | 12 => Some(8),
+        0 | 1 | 7 => Some(1), // u8, i8, bool
+        2 | 3 => Some(2),     // u16, i16
+        4..=6 => Some(4),     // u32, i32, f32
+        10..=12 => Some(8),   // u64, i64, f64
         _ => None,
     }
 }
@@ -75,7 +75,7 @@ fn fixed_size(ty: u32) -> Option<u64> {
 /// The fewest bytes a value of type `ty` takes in the file.
 fn min_size(ty: u32) -> Option<u64> {
     match ty {
-        TYPE_STRING => Some(8),      // its length
+        TYPE_STRING => Some(8),    // its length
         TYPE_ARRAY => Some(4 + 8), // its item type and count
         _ => fixed_size(ty),
     }
@@ -111,9 +111,7 @@ impl<R: Read> Reader<R> {
         if need > self.remaining() {
             return Err(self.truncated("value", need));
         }
-        self.inner
-            .read_exact(buf)
-            .map_err(|e| GgufError::Io(format!("read failed at byte {}: {e}", self.offset)))?;
+        self.inner.read_exact(buf).map_err(|e| GgufError::Io(format!("read failed at byte {}: {e}", self.offset)))?;
         self.offset += need;
         Ok(())
     }
@@ -131,7 +129,9 @@ impl<R: Read> Reader<R> {
         let at = self.offset;
         let n = self.u64()?;
         if n > max {
-            return Err(GgufError::Format(format!("{what} at byte {at} claims {n} items, more than the {max} allowed")));
+            return Err(GgufError::Format(format!(
+                "{what} at byte {at} claims {n} items, more than the {max} allowed"
+            )));
         }
         match n.checked_mul(item_size) {
             Some(need) if need <= self.remaining() => Ok(n),
@@ -236,7 +236,13 @@ impl<R: Read> Reader<R> {
     }
 
     /// The header of a per-token array of `wanted` items: its item type and count.
-    fn token_array(&mut self, key: &str, ty: u32, wanted: &str, ok: impl Fn(u32) -> bool) -> Result<(u32, u64), GgufError> {
+    fn token_array(
+        &mut self,
+        key: &str,
+        ty: u32,
+        wanted: &str,
+        ok: impl Fn(u32) -> bool,
+    ) -> Result<(u32, u64), GgufError> {
         if ty != TYPE_ARRAY {
             return Err(GgufError::Format(format!("{key:?} is not an array (type {ty})")));
         }
@@ -427,7 +433,9 @@ mod tests {
         v1.extend(1u32.to_le_bytes());
         assert!(err(&v1).contains("version 1"));
         let good = file(&[("k", 8, gguf_string(b"value"))]);
-        assert!(err(&good[..good.len() - 2]).contains("claims 5 items of at least 1 bytes, but the file has 3 bytes left"));
+        assert!(
+            err(&good[..good.len() - 2]).contains("claims 5 items of at least 1 bytes, but the file has 3 bytes left")
+        );
         let int = file(&[("k", 10, 9u64.to_le_bytes().to_vec())]);
         assert!(err(&int[..int.len() - 1]).contains("needs 8 bytes but the file has 7 left"));
         let huge = file(&[("k", 8, u64::MAX.to_le_bytes().to_vec())]);

@@ -34,11 +34,7 @@ fn vocab_of(tok: GgufTokenizer, source: &str) -> Result<RawVocab, VocabError> {
     let (decoder, user_defined) = match tok.model.as_str() {
         "gpt2" => (Decoder::new(vec![Step::ByteLevel]), PieceKind::Verbatim),
         "llama" | "t5" | "bert" | "gemma4" => (decoder::sentencepiece(), PieceKind::Decoded),
-        other => {
-            return Err(VocabError::Unsupported(format!(
-                "GGUF tokenizer model {other:?} in {source}"
-            )))
-        }
+        other => return Err(VocabError::Unsupported(format!("GGUF tokenizer model {other:?} in {source}"))),
     };
     let types = tok.token_types.unwrap_or_default();
     let mut raw = RawVocab { decoder, ..Default::default() };

@@ -122,8 +122,7 @@ fn decoder_of(decoder: &Value, pre_tokenizer: &Value) -> Result<Decoder, VocabEr
 fn mentions_byte_level(v: &Value) -> bool {
     match v {
         Value::Object(map) => {
-            map.get("type").and_then(Value::as_str) == Some("ByteLevel")
-                || map.values().any(mentions_byte_level)
+            map.get("type").and_then(Value::as_str) == Some("ByteLevel") || map.values().any(mentions_byte_level)
         }
         Value::Array(items) => items.iter().any(mentions_byte_level),
         _ => false,

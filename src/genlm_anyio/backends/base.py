@@ -69,6 +69,9 @@ def _unknown_adapter(name: str) -> str:
     return f"no LoRA adapter is registered as {name!r}; load it with add_new_lora(path, {name!r})"
 
 
+_nonces = itertools.count()
+
+
 @dataclass(frozen=True)
 class SampleRequest:
     """A validated :meth:`AsyncLM.sample` call."""
@@ -85,9 +88,6 @@ class SampleRequest:
     def __len__(self) -> int:
         """The tokens this request may occupy: its size for a batcher's token limit."""
         return len(self.prompt) + self.max_tokens
-
-
-_nonces = itertools.count()
 
 
 def _as_ids(token_ids: Any, vocab_size: int, name: str = "token_ids") -> TokenIds:
@@ -154,7 +154,7 @@ class AsyncLM(abc.ABC):
         self._adapter_serials = itertools.count(1)
         self._adapters_lock = threading.Lock()  # registration is one change at a time
         self._released = False  # close() freed the backend's resources
-        self._batcher: Batcher[Query, torch.Tensor] = Batcher(
+        self._batcher: Batcher[Query, torch.Tensor | RequestFailed] = Batcher(
             self._batch_logprobs,
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
@@ -335,7 +335,8 @@ class AsyncLM(abc.ABC):
     async def _sample(self, request: SampleRequest) -> list[int]:
         """Run a validated sampling request: one next-token request per step."""
         generator = torch.Generator().manual_seed(request.seed) if request.seed is not None else None
-        prompt, generated = list(request.prompt), []
+        prompt = list(request.prompt)
+        generated: list[int] = []
         for _ in range(request.max_tokens):
             query = Query(tuple(prompt + generated), request.adapter)
             logprobs = self._result(await self._batcher.submit(query))

@@ -68,7 +68,7 @@ class AsyncVirtualLM(AsyncLM):
         """The engine's torch model, for advanced use (in-process engines only; RuntimeError otherwise)."""
         return self.engine.model()
 
-    def _batch_logprobs(self, batch: Sequence[Request]) -> list[Any]:  # type: ignore[override]
+    def _batch_logprobs(self, batch: Sequence[Request]) -> list[Any]:
         return self.engine.run(batch)
 
     def _load_adapter(self, adapter: Adapter, replaced: Adapter | None) -> None:
@@ -85,6 +85,7 @@ class AsyncVirtualLM(AsyncLM):
                 f"prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) "
                 f"exceeds the engine's max_model_len ({self.engine.max_model_len})"
             )
+        # This engine's batcher also takes sampling runs, which AsyncLM's batcher type (Query keys) leaves out.
         return list(self._result(await self._batcher.submit(request)))  # type: ignore[arg-type]
 
     def clear_cache(self) -> None:

@@ -92,8 +92,9 @@ class VLLMEngine:
         version = vllm_version()
         from vllm import SamplingParams
 
-        core = getattr(engine, "engine_core", None)
-        inputs = getattr(engine, "input_processor", None)
+        # vLLM's objects (untyped); checked just below, and None again once shut down.
+        core: Any = getattr(engine, "engine_core", None)
+        inputs: Any = getattr(engine, "input_processor", None)
         missing = [
             name
             for name, obj, attr in (
@@ -213,8 +214,10 @@ class VLLMEngine:
         """Start a request; a log-probability request opens a session."""
         from vllm.inputs import TokensPrompt
 
-        session = isinstance(request, Query)
-        prompt = request.ids if session else request.prompt
+        if isinstance(request, Query):
+            session, prompt = True, request.ids
+        else:
+            session, prompt = False, request.prompt
         core_request = self._inputs.process_inputs(
             f"genlm-{next(self._ids)}",
             TokensPrompt(prompt_token_ids=list(prompt)),
@@ -314,16 +317,18 @@ class VLLMEngine:
             for n, round_ in enumerate(rounds):
                 for i in round_:
                     request = requests[i]
-                    sampling = isinstance(request, SampleRequest)
-                    if sampling and request.max_tokens == 0:
-                        results[i] = []
-                        continue
-                    claim = None if sampling else self._claim(request, idle)
+                    if isinstance(request, SampleRequest):
+                        if request.max_tokens == 0:
+                            results[i] = []
+                            continue
+                        claim = None
+                    else:
+                        claim = self._claim(request, idle)
                     rid = claim[0] if claim else self._add(request)
                     # Recorded before a resume, so that a failure while resuming retires it.
                     where[rid] = i
                     waiting.add(rid)
-                    if sampling:
+                    if isinstance(request, SampleRequest):
                         sampled[rid] = []
                     if claim:
                         self._resume(*claim)
@@ -357,7 +362,7 @@ class VLLMEngine:
             raise
         for rid, i in where.items():
             request = requests[i]
-            if rid in sampled:
+            if isinstance(request, SampleRequest):  # exactly the requests in ``sampled``
                 tokens = sampled[rid]
                 if tokens and tokens[-1] in request.eos_token_ids:
                     tokens.pop()

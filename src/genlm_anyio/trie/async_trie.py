@@ -9,7 +9,7 @@ import anyio
 import numpy as np
 
 from ..arrays import float_array
-from ..batching import Batcher
+from ..batching import Batcher, BatchStats
 from .parallel import ParallelTokenCharacterTrie
 from .rust import TokenCharacterTrie
 
@@ -40,8 +40,8 @@ class AsyncTokenCharacterTrie:
             raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
         self.trie = trie
         self._max_batch_size = max_batch_size
-        self._batcher: Batcher[_Request, Any] | None = None
-        self._stats = None
+        self._batcher: Batcher[_Request, np.ndarray | Exception] | None = None
+        self._stats: BatchStats | None = None
 
     @classmethod
     def from_vocab(cls, vocab: Sequence[Any], backend: str = "parallel", **kwargs: Any) -> AsyncTokenCharacterTrie:
@@ -61,13 +61,13 @@ class AsyncTokenCharacterTrie:
             self._stats = self._batcher.stats
 
     @property
-    def _task(self) -> Batcher[_Request, Any] | None:
+    def _task(self) -> Batcher[_Request, np.ndarray | Exception] | None:
         """The running worker's batcher, or None (genlm-backend's tests look at ``_task``)."""
         return self._batcher
 
-    def _compute(self, batch: list[_Request]) -> list[Any]:
+    def _compute(self, batch: list[_Request]) -> list[np.ndarray | Exception]:
         """Results in order; a request the trie refuses gets its exception as its result."""
-        results: dict[int, Any] = {}
+        results: dict[int, np.ndarray | Exception] = {}
         for op in _OPS:
             members = [i for i, req in enumerate(batch) if req.op == op]
             if not members:
@@ -97,7 +97,7 @@ class AsyncTokenCharacterTrie:
         return self._result(self._batcher.submit(_Request(op, arr)))
 
     @staticmethod
-    async def _result(pending: Awaitable[Any]) -> np.ndarray:
+    async def _result(pending: Awaitable[np.ndarray | Exception]) -> np.ndarray:
         result = await pending
         if isinstance(result, Exception):
             raise result
@@ -112,7 +112,7 @@ class AsyncTokenCharacterTrie:
         return await (await self._queue_request(ws, "max"))
 
     @property
-    def batch_stats(self):
+    def batch_stats(self) -> BatchStats | None:
         """The latest worker's batching counters (None before the first request)."""
         return self._stats
 

@@ -42,7 +42,8 @@ class ParallelTokenCharacterTrie(TokenCharacterTrie):
         shape = (self.num_nodes, self.vocab_size)
         self._matrix = torch.sparse_coo_tensor(index, values, shape, check_invariants=False).coalesce()
 
-    def _preprocess_ws(self, ws: Any) -> torch.Tensor:
+    # As in genlm-backend, this trie's weights are a torch tensor, the Rust trie's a numpy array.
+    def _preprocess_ws(self, ws: Any) -> torch.Tensor:  # type: ignore[override]
         """A batch of weights (a ``(B, V)`` array or tensor, or a sequence of ``(V,)``
         rows) as a float64 ``(B, V)`` tensor on ``device``; ValueError for a wrong
         shape or a NaN."""

@@ -108,8 +108,10 @@ class TokenCharacterTrie:
     def _word_key(self, i: int) -> Any:
         """Entry ``i``'s key in :attr:`word2leaf`: ``(bytes, token_id)`` for a token, else the entry."""
         item = self.decode[i]
-        if isinstance(item, bytes) and type(item) is not bytes and isinstance(getattr(item, "token_id", None), int):
-            return (bytes(item), item.token_id)
+        if isinstance(item, bytes) and type(item) is not bytes:
+            token_id = getattr(item, "token_id", None)
+            if isinstance(token_id, int):
+                return (bytes(item), token_id)
         return item
 
     def _label(self, label: int) -> Any:

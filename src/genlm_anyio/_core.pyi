@@ -1,0 +1,75 @@
+"""Type stubs of the Rust extension ``genlm_anyio._core`` (rust/src/py).
+
+Private: ``genlm_anyio.vocab`` and ``genlm_anyio.trie`` wrap it. Every entry
+point raises ValueError for bad input (a Rust panic included). Arrays travel as
+the integer address of a numpy array's data, which the Python wrappers allocate
+or validate (dtype, C-contiguity, shape, writability) and hold during the call.
+"""
+
+from collections.abc import Callable, Iterable, Sequence
+from os import PathLike
+from typing import Any, final
+
+__all__ = ["TrieCore", "vocab_from_gguf", "vocab_from_pieces", "vocab_from_tokenizer_json"]
+
+def vocab_from_tokenizer_json(text: str, fallback: str) -> tuple[list[bytes], list[str]]:
+    """Bytes and string form of every token id of a `tokenizers` JSON; ``fallback``
+    is ``"tokenizer"``, ``"latin1"`` or ``"replace"``."""
+
+def vocab_from_pieces(
+    pieces: Sequence[str | None], verbatim: Sequence[bool], decoder: str, fallback: str
+) -> tuple[list[bytes], list[str]]:
+    """Bytes and string form of pieces listed by id (``None`` for an unused id),
+    decoded by ``decoder`` (`tokenizers` decoder JSON) unless flagged ``verbatim``."""
+
+def vocab_from_gguf(path: str | PathLike[str], fallback: str) -> tuple[list[bytes], list[str]]:
+    """Bytes and string form of every token id of a GGUF file's vocabulary."""
+
+@final
+class TrieCore:
+    """The flat trie over a vocabulary's byte strings (immutable)."""
+
+    def __new__(cls, items: Iterable[Any], encode: Callable[[int, Any], Sequence[int]]) -> TrieCore:
+        """``items``' ``bytes`` entries are their bytes; any other entry ``x`` is
+        ``encode(i, x)``, its symbol ids (256 and up for non-byte symbols)."""
+
+    @property
+    def num_nodes(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+    @property
+    def root(self) -> int: ...
+    @property
+    def duplicate(self) -> tuple[int, int] | None:
+        """The first duplicate pair of entries ``(earlier, later)``, if any."""
+
+    @property
+    def first_plain(self) -> int | None:
+        """The index of the first plain ``bytes`` entry (not a token), if any."""
+
+    def children(self, node: int) -> list[tuple[int, int]]:
+        """``(label, child)`` pairs; the label is a symbol, or ``-1 - i`` for entry ``i``'s leaf."""
+
+    def node_of(self, prefix: bytes) -> int | None: ...
+    def prefix(self, node: int) -> list[int]: ...
+    def parent(self, node: int) -> int | None: ...
+    def tokens_under_range(self, node: int) -> tuple[int, int]: ...
+    def sorted_tokens(self, out: int) -> None:
+        """Fill the int64 array at address ``out`` (length vocab_size)."""
+
+    def token_leaves(self, out: int) -> None:
+        """Fill the int64 array at address ``out`` (length vocab_size)."""
+
+    def node_tokens(self, out: int) -> None:
+        """Fill the int64 array at address ``out`` (length num_nodes)."""
+
+    def parents(self, out: int) -> None:
+        """Fill the int64 array at address ``out`` (length num_nodes)."""
+
+    def reduce(self, kind: str, ws: int, wide: bool, rows: int | None, out: int) -> None:
+        """Per-node ``"sum"``, ``"max"`` or ``"logsumexp"`` of the float32 (float64 if
+        ``wide``) weights at ``ws`` into the float64 array at ``out``."""
+
+    def mask_startswith(self, prefix: bytes, out: int) -> None: ...
+    def mask_prefix_of(self, data: bytes, out: int) -> None: ...
+    def dfa_mask(self, transitions: int, n_states: int, state: int, live: int, out: int) -> None: ...
