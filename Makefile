@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASSETS := $(PY) scripts/assets.py
 
-.PHONY: setup assets demo test test-rust test-python test-vllm test-clients clients-reference bench soak clean
+.PHONY: setup assets demo lint test test-rust test-python test-vllm test-clients clients-reference bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -22,7 +22,7 @@ demo: setup
 
 test-rust: setup
 	cargo test --release --quiet
-	PYO3_PYTHON=$(PY) cargo test --release --quiet --lib --features python py::
+	PYO3_PYTHON=$(abspath $(PY)) cargo test --release --quiet --lib --features python py::
 
 test-python: assets
 	$(PY) -m pytest -q
@@ -43,7 +43,17 @@ clients-reference: assets
 	$(PY) scripts/client_suites.py --reference
 	$(PY) scripts/client_examples.py --reference
 
-test: test-rust test-clients test-python test-vllm
+# Quality gates: lint, format, types (the extension's stubs against the built module), Rust.
+lint: setup
+	$(VENV)/bin/ruff check src tests benches scripts examples
+	$(VENV)/bin/ruff format --check src tests benches scripts examples
+	$(VENV)/bin/mypy
+	$(PY) -m mypy.stubtest genlm_anyio._core
+	cargo fmt --check
+	cargo clippy --release --all-targets -- -D warnings
+	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --release --all-targets --features python -- -D warnings
+
+test: lint test-rust test-clients test-python test-vllm
 
 bench: assets
 	$(PY) benches/bench_vocab_trie.py
