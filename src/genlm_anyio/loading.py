@@ -8,10 +8,9 @@ from typing import Any
 import torch
 
 from .backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
+from .backends.unavailable import AsyncMlxLM, AsyncSGLTransformer
 
 BACKENDS = ("hf", "vllm", "mock", "mlx", "sgl")
-# genlm-backend's other backends: valid names, not implemented here yet.
-_NOT_YET = {"mlx": "AsyncMlxLM (Apple MLX)", "sgl": "AsyncSGLTransformer (SGLang)"}
 
 
 def default_backend() -> str:
@@ -39,8 +38,8 @@ def load_model_by_name(name: str, backend: str | None = None, llm_opts: dict[str
         return MockAsyncLM.from_name(name, **opts)
     if backend == "vllm":
         return AsyncVirtualLM.from_name(name, **opts)
-    if backend in _NOT_YET:
-        raise NotImplementedError(
-            f"backend {backend!r} ({_NOT_YET[backend]}) is not available in genlm-anyio yet; use 'hf', 'vllm' or 'mock'"
-        )
+    if backend == "mlx":
+        return AsyncMlxLM.from_name(name, **opts)
+    if backend == "sgl":
+        return AsyncSGLTransformer.from_name(name, **opts)
     raise ValueError(f"Invalid backend: {backend!r}; the backends are {', '.join(BACKENDS)}")

@@ -5,6 +5,15 @@ code written for ``genlm.backend.llm`` ports by changing the import.
 """
 
 from ..backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
+from ..backends.unavailable import AsyncMlxLM, AsyncSGLTransformer
 from ..loading import load_model_by_name
 
-__all__ = ["AsyncLM", "AsyncTransformer", "AsyncVirtualLM", "MockAsyncLM", "load_model_by_name"]
+__all__ = [
+    "AsyncLM",
+    "AsyncMlxLM",
+    "AsyncSGLTransformer",
+    "AsyncTransformer",
+    "AsyncVirtualLM",
+    "MockAsyncLM",
+    "load_model_by_name",
+]

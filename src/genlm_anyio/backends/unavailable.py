@@ -1,0 +1,41 @@
+"""genlm-backend's MLX and SGLang model classes, which genlm-anyio does not have yet.
+
+The names exist so that code importing them (as genlm-control does, lazily) keeps
+importing; making a model raises NotImplementedError that says so, as
+genlm-backend's own stand-ins do where their engine is not installed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NoReturn
+
+
+class _NotYet:
+    engine = ""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._refuse()
+
+    @classmethod
+    def from_name(cls, *args: Any, **kwargs: Any) -> NoReturn:
+        """Refuse: genlm-anyio has no backend for this engine yet."""
+        cls._refuse()
+
+    @classmethod
+    def _refuse(cls) -> NoReturn:
+        raise NotImplementedError(
+            f"{cls.__name__} ({cls.engine}) is not available in genlm-anyio yet; "
+            "use AsyncTransformer (backend='hf') or AsyncVirtualLM (backend='vllm')"
+        )
+
+
+class AsyncMlxLM(_NotYet):
+    """genlm-backend's MLX model: not in genlm-anyio yet."""
+
+    engine = "Apple MLX"
+
+
+class AsyncSGLTransformer(_NotYet):
+    """genlm-backend's SGLang model: not in genlm-anyio yet."""
+
+    engine = "SGLang"
