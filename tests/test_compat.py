@@ -201,6 +201,7 @@ def test_the_environment_variable_switches_a_fresh_interpreter(tmp_path):
     assert out.stdout.strip() == "genlm_anyio.vocab"
 
 
+@pytest.mark.slow  # imports the real genlm-backend (and with it vLLM): ~20 s
 def test_installing_after_genlm_backend_was_imported_is_an_error():
     pytest.importorskip("genlm.backend")  # only where the real genlm-backend is installed
     script = (

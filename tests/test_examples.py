@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from conftest import assets
 
+# Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

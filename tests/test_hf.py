@@ -14,6 +14,9 @@ from conftest import ask_after_cancelled_callers, assets, good_beside_bad
 
 from genlm_anyio import AsyncTransformer, ClosedError, MockAsyncLM, load_model_by_name
 
+# Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 TOL = 1e-4
 
 

@@ -224,6 +224,7 @@ def smollm2():
         yield lm
 
 
+@pytest.mark.slow  # loads SmolLM2's weights
 def test_128_distinct_prompts_are_cached_and_each_step_computes_128_tokens(smollm2):
     """Defect 3 on SmolLM2: 128 distinct prompts (2,700 tokens) stored no KV, and
     every later step recomputed them all instead of one token per sequence."""
@@ -259,6 +260,7 @@ def test_128_distinct_prompts_are_cached_and_each_step_computes_128_tokens(smoll
         assert (lm.next_token_logprobs_uncached(s) - got).abs().max() < 1e-4
 
 
+@pytest.mark.slow  # loads SmolLM2's weights
 def test_a_fault_while_storing_leaves_no_slot_owned_by_nobody(smollm2, monkeypatch):
     """Defect 6 on SmolLM2: a fault after the slots were taken leaked them."""
     from genlm_anyio.backends import hf

@@ -13,6 +13,9 @@ from conftest import assets
 from genlm_anyio import AsyncTransformer
 from genlm_anyio.backends.base import Query, RequestFailed
 
+# Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 TOL = 1e-4
 
 

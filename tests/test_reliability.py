@@ -18,6 +18,9 @@ from conftest import assets
 
 from genlm_anyio import AsyncTransformer, ClosedError
 
+# Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
+pytestmark = pytest.mark.slow
+
 TOL = 1e-4
 BACKENDS = ["asyncio", "trio"]
 

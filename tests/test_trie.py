@@ -72,6 +72,7 @@ def assert_same_as_genlm_backend(vocab, trie, ws):
     np.testing.assert_array_equal(trie.weight_max(ws), ref.weight_max(ws))
 
 
+@pytest.mark.slow  # genlm-backend's trie on whole real vocabularies: ~25 s
 @pytest.mark.parametrize("name", ["gpt-2", "qwen2"])
 def test_layout_and_values_equal_genlm_backends_on_real_vocabularies(name):
     vocab, _ = decode_vocab(load_tokenizer(name))

@@ -25,7 +25,7 @@ pytest.importorskip("vllm")
 from genlm_anyio import AsyncTransformer, AsyncVirtualLM, ClosedError, load_model_by_name
 from genlm_anyio.backends.vllm_engine import VLLMEngine
 
-pytestmark = pytest.mark.vllm
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 # Max abs difference of probabilities allowed between vLLM and transformers.
 AGREE = 1e-3

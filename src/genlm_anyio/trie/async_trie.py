@@ -10,7 +10,6 @@ import numpy as np
 
 from ..arrays import float_array
 from ..batching import Batcher, BatchStats
-from .parallel import ParallelTokenCharacterTrie
 from .rust import TokenCharacterTrie
 
 _OPS = ("sum", "max")
@@ -51,6 +50,8 @@ class AsyncTokenCharacterTrie:
         if backend in ("sequential", "rust"):
             return cls(TokenCharacterTrie(vocab, **kwargs))
         if backend == "parallel":
+            from .parallel import ParallelTokenCharacterTrie  # imports torch, so only when asked for
+
             return cls(ParallelTokenCharacterTrie(vocab, **kwargs))
         raise ValueError(f"backend must be 'sequential', 'parallel' or 'rust', not {backend!r}")
 
