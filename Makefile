@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASSETS := $(PY) scripts/assets.py
 
-.PHONY: setup assets demo lint test test-rust test-python test-vllm test-clients clients-reference bench soak clean
+.PHONY: setup assets demo lint test test-fast test-wheel test-rust test-python test-vllm test-clients clients-reference bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -43,6 +43,14 @@ clients-reference: assets
 	$(PY) scripts/client_suites.py --reference
 	$(PY) scripts/client_examples.py --reference
 
+# No model weights (and no vLLM): a quick check while developing.
+test-fast: assets
+	$(PY) -m pytest -q -m "not slow"
+
+# The wheel in a new, empty virtual environment with only its declared dependencies.
+test-wheel: assets
+	VENV=$(VENV) bash scripts/wheel_check.sh
+
 # Quality gates: lint, format, types (the extension's stubs against the built module), Rust.
 lint: setup
 	$(VENV)/bin/ruff check src tests benches scripts examples
@@ -53,7 +61,7 @@ lint: setup
 	cargo clippy --release --all-targets -- -D warnings
 	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --release --all-targets --features python -- -D warnings
 
-test: lint test-rust test-clients test-python test-vllm
+test: lint test-rust test-wheel test-clients test-python test-vllm
 
 bench: assets
 	$(PY) benches/bench_vocab_trie.py
