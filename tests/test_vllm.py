@@ -8,6 +8,8 @@ One engine serves the module (it takes minutes to start); the last test closes i
 from __future__ import annotations
 
 import os
+import random
+import sys
 import threading
 from dataclasses import replace
 from types import SimpleNamespace
@@ -17,6 +19,11 @@ import pytest
 import torch
 import trio
 from conftest import ask_after_cancelled_callers, assets, good_beside_bad
+
+if sys.version_info >= (3, 11):
+    from builtins import ExceptionGroup
+else:
+    from exceptiongroup import ExceptionGroup
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -333,17 +340,208 @@ def test_lora_registration_errors_and_sampling(with_adapters, lora_adapters):
         vllm_lm.next_token_logprobs_sync(p, lora_name="tmp")
 
 
-def test_closing_releases_the_engine_and_makes_the_model_unusable(vllm_lm):
-    """Last: it closes the module's engine."""
-    vllm_lm.next_token_logprobs_sync([1, 2])
+# Concurrent callers of the load test: more than the engine's request slots (128 here).
+LOAD = 1000
 
-    async def use():
-        async with vllm_lm:
-            await vllm_lm.next_token_logprobs([1, 2, 3])
-        with pytest.raises(ClosedError):
-            await vllm_lm.next_token_logprobs([1, 2])
 
-    trio.run(use)
+def engine_requests(lm) -> tuple[int, int]:
+    """(requests in flight, requests held) in the in-process engine's scheduler.
+    Idle streaming-input sessions are held but not in flight."""
+    scheduler = lm.engine._core.engine_core.scheduler
+    return scheduler.get_num_unfinished_requests(), len(scheduler.requests)
+
+
+def assert_only_idle_sessions_remain(lm) -> None:
+    """Nothing in flight, nothing held but the sessions the engine keeps; after
+    ``close_sessions()`` the engine holds no request at all."""
+    assert engine_requests(lm) == (0, len(lm.engine._sessions))
+    lm.engine.close_sessions()
+    assert engine_requests(lm) == (0, 0)
+
+
+@pytest.mark.parametrize("run", [anyio.run, trio.run], ids=["asyncio", "trio"])
+def test_many_concurrent_callers_get_right_answers(vllm_lm, hf_lm, run):
+    """LOAD concurrent callers (4/5 distinct sequences over 25 prompts, 1/5 repeat
+    one): every caller answered, each dispatched request one engine request or
+    resumed session, a sample agreeing with transformers, no engine request left."""
+    bases = [prompt(vllm_lm, f"Question {chr(65 + i)}: what is the name of") for i in range(25)]
+    distinct = LOAD * 4 // 5
+    seqs = [bases[i % 25] + [1000 + i // 25] for i in range(distinct)]
+    order = [i % distinct for i in range(LOAD)]
+    random.Random(1).shuffle(order)
+    vllm_lm.clear_cache()
+    batch_stats, stats = vllm_lm.batch_stats, vllm_lm.engine.stats
+    before, engine_before = replace(batch_stats), replace(stats)
+    got: dict[int, torch.Tensor] = {}
+
+    async def ask(caller, k):
+        got[caller] = await vllm_lm.next_token_logprobs(seqs[k])
+
+    async def main():
+        with anyio.fail_after(300):
+            async with anyio.create_task_group() as tg:
+                for caller, k in enumerate(order):
+                    tg.start_soon(ask, caller, k)
+
+    run(main)
+    # Before batches were capped at the engine's request slots, this hung: the sessions
+    # of a batch's first max_num_seqs requests held every slot, and the rest never ran.
+    assert LOAD > vllm_lm.engine.max_requests
+    assert len(got) == LOAD
+    dispatched = batch_stats.batched_requests - before.batched_requests
+    assert dispatched + batch_stats.shared - before.shared == LOAD
+    assert batch_stats.shared - before.shared >= LOAD - distinct
+    started = stats.requests - engine_before.requests
+    resumed = stats.sessions_resumed - engine_before.sessions_resumed
+    assert started + resumed == dispatched
+    for caller in range(0, LOAD, LOAD // 20):
+        assert_agrees(got[caller], hf_lm.next_token_logprobs_uncached(seqs[order[caller]]))
+    assert_only_idle_sessions_remain(vllm_lm)
+    print(
+        f"\n[vllm load {run.__module__.split('.')[0]}] {LOAD} callers: {batch_stats.batches - before.batches} batches, "
+        f"{dispatched} engine requests ({started} new, {resumed} resumed sessions), "
+        f"{stats.tokens_computed - engine_before.tokens_computed} tokens computed "
+        f"({stats.tokens_cached - engine_before.tokens_cached} from the prefix cache)"
+    )
+
+
+@pytest.mark.parametrize("run", [anyio.run, trio.run], ids=["asyncio", "trio"])
+def test_cancellation_storms_during_decode_leave_no_wrong_answer_no_hung_caller_and_no_engine_request(
+    vllm_lm, hf_lm, run
+):
+    """Storms of callers (single and batch log-probability calls, seeded ``sample``
+    and ``batch_sample`` runs in vLLM's decode loop), most cancelled at random
+    points: every answer that arrives is right, none hangs, and the engine is left
+    with nothing in flight and no request but its idle sessions."""
+    stems = [prompt(vllm_lm, t) for t in ("The cat sat on", "Rain fell over the", "In the year two")]
+    seqs = [stems[i % 3] + [2000 + i % 7] * (1 + i % 3) for i in range(21)]
+    want = {tuple(s): hf_lm.next_token_logprobs_uncached(s) for s in seqs}
+    seeds = range(5)
+
+    async def references():
+        out = {}
+
+        async def one(i, seed):
+            out[i, seed] = await vllm_lm.sample(stems[i], 8, [], seed=seed)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(3):
+                for seed in seeds:
+                    tg.start_soon(one, i, seed)
+        return out
+
+    sampled = run(references)
+    totals = {"answered": 0, "sampled": 0, "cancelled": 0, "cancelled_sampling": 0, "wrong": 0}
+
+    def check(ok):
+        totals["wrong"] += not ok
+        totals["answered"] += 1
+
+    async def caller(rng):
+        kind = rng.randrange(4)
+        with anyio.move_on_after(rng.random() * 3 if rng.random() < 0.7 else 120) as scope:
+            await anyio.sleep(rng.random() * 0.2)
+            if kind == 0:
+                ids = rng.choice(seqs)
+                got = await vllm_lm.next_token_logprobs(ids)
+                check((got.exp() - want[tuple(ids)].exp()).abs().max().item() < AGREE)
+            elif kind == 1:
+                picks = [rng.choice(seqs) for _ in range(rng.randint(2, 3))]
+                for ids, got in zip(picks, await vllm_lm.batch_next_token_logprobs(picks)):
+                    check((got.exp() - want[tuple(ids)].exp()).abs().max().item() < AGREE)
+            elif kind == 2:
+                i, seed = rng.randrange(3), rng.choice(seeds)
+                check(await vllm_lm.sample(stems[i], 8, [], seed=seed) == sampled[i, seed])
+                totals["sampled"] += 1
+            else:
+                picks, seed = [rng.randrange(3) for _ in range(2)], rng.choice(seeds[:-1])
+                runs = await vllm_lm.batch_sample([stems[i] for i in picks], 8, [], seed=seed)
+                for j, (i, tokens) in enumerate(zip(picks, runs)):
+                    check(tokens == sampled[i, seed + j])
+                totals["sampled"] += 1
+        totals["cancelled"] += scope.cancelled_caught
+        totals["cancelled_sampling"] += scope.cancelled_caught and kind >= 2
+
+    async def during_decode():
+        """Cancel a batch of long sampling runs once they are in the engine."""
+        started = vllm_lm.engine.stats.requests
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(vllm_lm.batch_sample, stems, 48, [])
+            # The engine's thread counts the requests it adds; the decode loop runs after.
+            while vllm_lm.engine.stats.requests < started + len(stems):  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+            tg.cancel_scope.cancel()
+        totals["cancelled_sampling"] += len(stems)
+
+    async def main():
+        with anyio.fail_after(240):
+            for seed in range(2):
+                await during_decode()
+                rng = random.Random(seed)
+                async with anyio.create_task_group() as tg:
+                    for _ in range(60):
+                        tg.start_soon(caller, random.Random(rng.random()))
+
+    run(main)
+    assert totals["wrong"] == 0
+    assert totals["cancelled"] > 20 and totals["answered"] > 20 and totals["sampled"] > 5
+    assert totals["cancelled_sampling"] > len(stems)
+    # The next request waits for any batch the cancelled callers left running, and is right.
+    ids = stems[0] + [5]
+    assert_agrees(vllm_lm.next_token_logprobs_sync(ids), hf_lm.next_token_logprobs_uncached(ids))
+    assert_only_idle_sessions_remain(vllm_lm)
+    print(f"\n[vllm storms {run.__module__.split('.')[0]}] 2 x 60 callers + 2 cancelled decodes: {totals}")
+
+
+def test_an_engine_that_dies_mid_batch_fails_every_waiting_caller_and_close_returns(vllm_lm, monkeypatch):
+    """Last: it closes the module's engine. The engine core fails for good after
+    two steps of a batch (in-process, where its failure surfaces in ``get_output``):
+    every caller, running, queued, sampling or batched, gets an error that names
+    the failure; ``async with``'s close returns and releases the engine."""
+    core = vllm_lm.engine._core
+    real = core.get_output
+    steps = 0
+
+    def dying():
+        nonlocal steps
+        steps += 1
+        if steps > 2:
+            raise RuntimeError("engine core died")
+        return real()
+
+    monkeypatch.setattr(core, "get_output", dying)
+    p = prompt(vllm_lm)
+    outcomes: list[BaseException | None] = []
+
+    async def ask(coro):
+        try:
+            await coro
+            outcomes.append(None)
+        except Exception as exc:
+            outcomes.append(exc)
+
+    async def main():
+        with anyio.fail_after(120):
+            async with vllm_lm:
+                async with anyio.create_task_group() as tg:
+                    started = vllm_lm.engine.stats.requests
+                    tg.start_soon(ask, vllm_lm.batch_sample([p, p[:3]], 32, []))
+                    tg.start_soon(ask, vllm_lm.sample(p, 16, [], seed=1))
+                    # Once a decode loop runs (the engine's thread counts what it adds), the rest queue.
+                    while vllm_lm.engine.stats.requests == started:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                    for t in range(300):  # more than one batch (max_batch_size 256)
+                        tg.start_soon(ask, vllm_lm.next_token_logprobs(p + [t]))
+                    tg.start_soon(ask, vllm_lm.batch_next_token_logprobs([p + [7], p + [400, 401]]))
+            with pytest.raises(ClosedError):
+                await vllm_lm.next_token_logprobs([1, 2])
+
+    trio.run(main)
+    # batch_sample's runs fail together: an exception group of the runs' own errors.
+    errors = [leaf for e in outcomes for leaf in (e.exceptions if isinstance(e, ExceptionGroup) else [e])]
+    assert len(outcomes) == 303 and len(errors) == 304 and steps > 2
+    assert all(isinstance(e, RuntimeError) and "engine core died" in str(e) for e in errors), errors[:3]
+    assert vllm_lm.batch_stats.batches >= 2
     assert vllm_lm.engine._core is None
     with pytest.raises(ClosedError):
         vllm_lm.next_token_logprobs_sync([1, 2])

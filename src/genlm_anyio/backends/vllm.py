@@ -28,7 +28,9 @@ class AsyncVirtualLM(AsyncLM):
         engine: a :class:`~genlm_anyio.backends.vllm_engine.VLLMEngine`, or a
             vLLM ``LLMEngine`` built with ``max_logprobs=-1`` and
             ``logprobs_mode="raw_logprobs"``.
-        max_batch_size: most requests handed to the engine at once.
+        max_batch_size: most requests handed to the engine at once; at most the
+            engine's request slots (``max_num_seqs``), since each request of a
+            batch holds one until the batch ends.
         max_batch_tokens: most prompt tokens handed to the engine at once.
     """
 
@@ -37,7 +39,7 @@ class AsyncVirtualLM(AsyncLM):
         super().__init__(
             self.engine.get_tokenizer(),
             self.engine.vocab_size,
-            max_batch_size=max_batch_size,
+            max_batch_size=min(max_batch_size, self.engine.max_requests),
             max_batch_tokens=max_batch_tokens,
         )
 

@@ -139,6 +139,11 @@ class VLLMEngine:
         self._cpu = current_platform.is_cpu()
         self.vocab_size: int = config.get_vocab_size()
         self.max_model_len: int = config.max_model_len
+        scheduler = engine.vllm_config.scheduler_config
+        active = getattr(scheduler, "max_num_active_seqs", None)
+        # The engine's request slots. Each request of a batch holds one until the batch
+        # ends (an idle session keeps its slot), so a larger batch would never finish.
+        self.max_requests: int = active if active is not None else scheduler.max_num_seqs
 
     @classmethod
     def from_options(cls, model: str, engine_opts: dict[str, Any]) -> VLLMEngine:
