@@ -85,7 +85,10 @@ def lora_adapters(tmp_path_factory) -> dict[str, str]:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32)
-    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    # peft draws the A matrices from torch's global generator: fix them, whatever ran before.
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
     root = tmp_path_factory.mktemp("lora")
     paths = {"identity": str(root / "identity")}
     model.save_pretrained(paths["identity"])
