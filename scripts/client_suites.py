@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,12 +112,11 @@ def _rewrite(folder: Path, table: dict[str, str]) -> None:
 
 
 def prepare(suite: str) -> Path:
-    """A fresh copy of ``suite``'s tests (from its sdist), rewritten for this machine."""
+    """A fresh copy of ``suite``'s tests (from its sdist), rewritten for this machine,
+    in a folder of this run's own (runs at the same time do not share one)."""
     archive = assets.download(SUITES[suite], source=True)
-    folder = WORK / suite
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    WORK.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=f"{suite}-", dir=WORK))
     with tarfile.open(archive) as tar:
         top = tar.getnames()[0].split("/")[0]
         members = [m for m in tar.getmembers() if m.name.startswith(f"{top}/tests/")]
@@ -129,6 +129,13 @@ def prepare(suite: str) -> Path:
 
 def run(suite: str, reference: bool) -> Result:
     folder = prepare(suite)
+    try:
+        return _run_in(folder, suite, reference)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _run_in(folder: Path, suite: str, reference: bool) -> Result:
     report = folder / "report.xml"
     entry = (
         [sys.executable, "-m", "pytest"] if reference else [sys.executable, "-m", "genlm_anyio.compat", "-m", "pytest"]
@@ -138,10 +145,12 @@ def run(suite: str, reference: bool) -> Result:
     skip = [arg for test in DESELECTED.get(suite, {}) for arg in ("--deselect", test)]
     for test, why in DESELECTED.get(suite, {}).items():
         print(f"   deselected {test}: {why}", flush=True)
-    subprocess.run([*entry, "tests", *PYTEST_ARGS, *skip, f"--junitxml={report}"], cwd=folder, env=env, check=False)
+    run = subprocess.run(
+        [*entry, "tests", *PYTEST_ARGS, *skip, f"--junitxml={report}"], cwd=folder, env=env, check=False
+    )
     result = Result(suite)
-    if not report.exists():
-        result.failed.append(f"{suite}::<collection>")
+    if run.returncode not in (0, 1) or not report.exists():  # interrupted, crashed or killed: no full report
+        result.failed.append(f"{suite}::<pytest exited with {run.returncode}>")
         return result
     for case in ET.parse(report).getroot().iter("testcase"):
         test_id = f"{suite}::{case.get('classname', '').replace('.', '/')}::{case.get('name')}"
