@@ -145,12 +145,12 @@ def _run_in(folder: Path, suite: str, reference: bool) -> Result:
     skip = [arg for test in DESELECTED.get(suite, {}) for arg in ("--deselect", test)]
     for test, why in DESELECTED.get(suite, {}).items():
         print(f"   deselected {test}: {why}", flush=True)
-    run = subprocess.run(
+    proc = subprocess.run(
         [*entry, "tests", *PYTEST_ARGS, *skip, f"--junitxml={report}"], cwd=folder, env=env, check=False
     )
     result = Result(suite)
-    if run.returncode not in (0, 1) or not report.exists():  # interrupted, crashed or killed: no full report
-        result.failed.append(f"{suite}::<pytest exited with {run.returncode}>")
+    if proc.returncode not in (0, 1) or not report.exists():  # interrupted, crashed or killed: no full report
+        result.failed.append(f"{suite}::<pytest exited with {proc.returncode}>")
         return result
     for case in ET.parse(report).getroot().iter("testcase"):
         test_id = f"{suite}::{case.get('classname', '').replace('.', '/')}::{case.get('name')}"
