@@ -9,9 +9,9 @@ The last two load on first use, so ``import genlm_anyio.trie`` does not import t
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from .._lazy import lazy_exports
 from .rust import TokenCharacterTrie
 
 if TYPE_CHECKING:
@@ -24,14 +24,4 @@ _LAZY = {"AsyncTokenCharacterTrie": ".async_trie", "ParallelTokenCharacterTrie":
 __all__ = ["AsyncTokenCharacterTrie", "ParallelTokenCharacterTrie", "TokenCharacterTrie"]
 
 
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module, __name__), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)
