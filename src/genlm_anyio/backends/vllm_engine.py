@@ -91,6 +91,7 @@ class VLLMEngine:
     def __init__(self, engine: Any):
         version = vllm_version()
         from vllm import SamplingParams
+        from vllm.v1.engine.exceptions import EngineDeadError
 
         # vLLM's objects (untyped); checked just below, and None again once shut down.
         core: Any = getattr(engine, "engine_core", None)
@@ -137,6 +138,7 @@ class VLLMEngine:
         from vllm.platforms import current_platform
 
         self._cpu = current_platform.is_cpu()
+        self._dead_error = EngineDeadError
         self.vocab_size: int = config.get_vocab_size()
         self.max_model_len: int = config.max_model_len
         scheduler = engine.vllm_config.scheduler_config
@@ -306,10 +308,30 @@ class VLLMEngine:
             stale = {
                 i: r.adapter for i, r in enumerate(requests) if r.adapter is not None and r.adapter not in self._loras
             }
-            if not stale:
-                return self._run(requests)
-            ran = iter(self._run([r for i, r in enumerate(requests) if i not in stale]))
+            try:
+                if not stale:
+                    return self._run(requests)
+                ran = iter(self._run([r for i, r in enumerate(requests) if i not in stale]))
+            except self._dead_error as exc:
+                raise RuntimeError(
+                    "vLLM's engine process died: this model cannot run requests any more; close it and start a new one"
+                ) from exc
             return [RequestFailed.adapter_removed(stale[i]) if i in stale else next(ran) for i in range(len(requests))]
+
+    def _outputs(self) -> Any:
+        """The engine core's next outputs.
+
+        vLLM 0.32's multiprocess client (``SyncMPClient``) waits on its output queue
+        forever once the engine process dies: its monitor thread marks the engine
+        dead and stops the thread that fills the queue, without waking the waiter.
+        So wait in slices and ask the client whether the engine is still alive."""
+        core = self._core
+        pending = getattr(core, "outputs_queue", None)  # absent for the in-process engine
+        if pending is not None:
+            with pending.not_empty:
+                while not pending.not_empty.wait_for(lambda: len(pending.queue) > 0, timeout=0.5):
+                    core.ensure_alive()  # EngineDeadError once the monitor saw the process die
+        return core.get_output()
 
     def _run(self, requests: Sequence[Request]) -> list[Any]:
         results: list[Any] = [None] * len(requests)
@@ -343,7 +365,7 @@ class VLLMEngine:
                     self._retire(list(idle.values()))
                     idle.clear()
                 while waiting:
-                    for output in self._core.get_output().outputs:
+                    for output in self._outputs().outputs:
                         rid = output.request_id
                         if rid not in waiting:
                             continue

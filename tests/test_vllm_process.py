@@ -1,0 +1,81 @@
+"""The vLLM backend on vLLM's multiprocess engine, whose engine core runs in a
+child process, and what happens when that process dies.
+
+Run it in a pytest process of its own (``pytest -m vllm tests/test_vllm_process.py``):
+vLLM fixes its settings (here: the multiprocess engine) for the whole process
+once an engine has started.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import anyio
+import psutil  # a dependency of vLLM's
+import pytest
+import torch
+from conftest import assets
+
+from genlm_anyio import AsyncVirtualLM, ClosedError
+
+pytest.importorskip("vllm")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+DIED = "engine process died"
+
+
+def test_a_killed_engine_process_fails_every_waiting_caller_and_close_returns(monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    before = {p.pid for p in psutil.Process().children(recursive=True)}
+    lm = AsyncVirtualLM.from_name(
+        str(assets.smollm2_dir()), engine_opts={"dtype": "float32", "block_size": 32, "seed": 0}
+    )
+    try:
+        started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
+        engine = [p for p in started if "EngineCore" in " ".join(p.cmdline()) + p.name()]
+        assert len(engine) == 1, [(p.pid, p.name(), p.cmdline()) for p in started]
+        with pytest.raises(RuntimeError, match="not in this process"):
+            lm.underlying_model  # noqa: B018 - the engine core (and its model) is the child process
+        p = lm.tokenizer.encode("Montreal is a city in")
+        out = lm.next_token_logprobs_sync(p)
+        assert out.shape == (lm.vocab_size,) and torch.isfinite(out).all()
+        assert torch.logsumexp(out, 0).item() == pytest.approx(0.0, abs=1e-4)
+
+        outcomes: list[BaseException | None] = []
+
+        async def ask(coro):
+            try:
+                await coro
+                outcomes.append(None)
+            except Exception as exc:
+                outcomes.append(exc)
+
+        async def main():
+            with anyio.fail_after(120):
+                async with anyio.create_task_group() as tg:
+                    requests = lm.engine.stats.requests
+                    tg.start_soon(ask, lm.sample(p, 4000, [], seed=1))
+                    # Once its decode loop runs (the engine's thread counts what it adds), the rest queue.
+                    while lm.engine.stats.requests == requests:  # noqa: ASYNC110
+                        await anyio.sleep(0.01)
+                    for t in range(50):
+                        tg.start_soon(ask, lm.next_token_logprobs(p + [t]))
+                    await anyio.sleep(0.5)
+                    os.kill(engine[0].pid, signal.SIGKILL)
+                # The model fails clearly from now on, and closes.
+                with pytest.raises(RuntimeError, match=DIED):
+                    await lm.next_token_logprobs(p + [99])
+                await lm.aclose()
+                with pytest.raises(ClosedError):
+                    await lm.next_token_logprobs(p)
+
+        anyio.run(main)
+        assert len(outcomes) == 51
+        assert all(isinstance(e, RuntimeError) and DIED in str(e) for e in outcomes), outcomes[:3]
+        assert lm.engine._core is None
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert not [p for p in alive if p in engine], alive
+    finally:
+        lm.close()
