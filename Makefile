@@ -27,9 +27,11 @@ test-rust: setup
 test-python: assets
 	$(PY) -m pytest -q
 
-# vLLM changes torch's thread settings for its whole process: its own pytest run.
+# vLLM changes torch's thread settings for its whole process, and fixes its engine
+# mode (in-process, or a separate engine process) once: each file in a pytest run of its own.
 test-vllm: assets
 	$(PY) -m pytest -q -m vllm tests/test_vllm.py
+	$(PY) -m pytest -q -m vllm tests/test_vllm_process.py
 
 # Our users' own test suites (genlm-backend's, genlm-control's, genlm-bytes'),
 # from their released sdists, on genlm-anyio through the compat switch; failures
