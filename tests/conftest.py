@@ -97,7 +97,7 @@ def lora_adapters(tmp_path_factory) -> dict[str, str]:
         with torch.no_grad():
             for param_name, param in model.named_parameters():
                 if "lora_B" in param_name:
-                    param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+                    param.copy_(torch.randn(param.shape, generator=generator) * 0.2)
         paths[name] = str(root / name)
         model.save_pretrained(paths[name])
     return paths
