@@ -80,7 +80,17 @@ DESELECTED = {
     },
 }
 
-PYTEST_ARGS = ["-q", "-p", "no:cacheprovider", "--timeout=600", "-o", "asyncio_default_fixture_loop_scope=function"]
+# Hypothesis draws its examples from a fixed seed: each run tries the same cases,
+# so a test's outcome does not change from one run to the next.
+PYTEST_ARGS = [
+    "--hypothesis-seed=0",
+    "-q",
+    "-p",
+    "no:cacheprovider",
+    "--timeout=600",
+    "-o",
+    "asyncio_default_fixture_loop_scope=function",
+]
 
 
 @dataclass
