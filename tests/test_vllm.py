@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import random
+import resource
 import sys
 import threading
 from dataclasses import replace
@@ -401,7 +402,8 @@ def test_many_concurrent_callers_get_right_answers(vllm_lm, hf_lm, run):
         f"\n[vllm load {run.__module__.split('.')[0]}] {LOAD} callers: {batch_stats.batches - before.batches} batches, "
         f"{dispatched} engine requests ({started} new, {resumed} resumed sessions), "
         f"{stats.tokens_computed - engine_before.tokens_computed} tokens computed "
-        f"({stats.tokens_cached - engine_before.tokens_cached} from the prefix cache)"
+        f"({stats.tokens_cached - engine_before.tokens_cached} from the prefix cache); peak RSS of the test process "
+        f"(engine included) {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
     )
 
 
