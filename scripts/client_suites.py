@@ -80,8 +80,8 @@ DESELECTED = {
     },
 }
 
-# Hypothesis draws its examples from a fixed seed: each run tries the same cases,
-# so a test's outcome does not change from one run to the next.
+# Hypothesis draws its examples from a fixed seed and every test starts from the same
+# random state (clients_plugin.py), so a test's outcome does not change from run to run.
 PYTEST_ARGS = [
     "--hypothesis-seed=0",
     "-q",
@@ -150,7 +150,11 @@ def _run_in(folder: Path, suite: str, reference: bool) -> Result:
     entry = (
         [sys.executable, "-m", "pytest"] if reference else [sys.executable, "-m", "genlm_anyio.compat", "-m", "pytest"]
     )
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    plugin_dir = str(Path(__file__).resolve().parent)  # clients_plugin.py: the same random state for each test
+    pythonpath = os.pathsep.join(p for p in (plugin_dir, os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=pythonpath
+    )
     print(f"== {suite} ({'genlm-backend' if reference else 'genlm-anyio'}): {' '.join(entry[2:])} tests", flush=True)
     skip = [arg for test in DESELECTED.get(suite, {}) for arg in ("--deselect", test)]
     for test, why in DESELECTED.get(suite, {}).items():
