@@ -90,7 +90,9 @@ def _param(block: Block):
 def test_every_python_fence_is_found():
     """The parser sees every ```python fence the pages have (so none goes untested)."""
     for page in PAGES:
-        opened = sum(1 for line in page.read_text(encoding="utf-8").splitlines() if re.match(r"^\s*```+\s*py(thon)?\b", line))
+        opened = sum(
+            1 for line in page.read_text(encoding="utf-8").splitlines() if re.match(r"^\s*```+\s*py(thon)?\b", line)
+        )
         assert opened == sum(1 for block in BLOCKS if block.page == page), page
 
 
@@ -110,3 +112,10 @@ def test_docs_example_runs(block: Block, tmp_path: Path):
         [sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=600, check=False
     )
     assert run.returncode == 0, f"{block.id} failed:\n{run.stdout[-2000:]}\n{run.stderr[-4000:]}"
+
+
+def test_the_trie_figure_is_drawn_from_the_current_trie(tmp_path: Path):
+    """docs/img/trie.svg is what scripts/trie_figure.py draws from the Rust trie today."""
+    out = tmp_path / "trie.svg"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "trie_figure.py"), str(out)], check=True, timeout=120)
+    assert out.read_text(encoding="utf-8") == (ROOT / "docs" / "img" / "trie.svg").read_text(encoding="utf-8")
