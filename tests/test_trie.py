@@ -82,6 +82,7 @@ def test_layout_and_values_equal_genlm_backends_on_real_vocabularies(name):
     assert_same_as_genlm_backend(vocab, trie, np.random.default_rng(0).random(len(vocab)))
 
 
+@pytest.mark.slow  # importing genlm-backend's trie imports its vLLM module: ~20 s
 def test_duplicates_and_non_byte_symbols_as_genlm_backend_has_them():
     eos = EndOfSequence()
     vocab = [Token(0, b"ab"), Token(1, b"a"), Token(2, b"ab"), Token(3, b""), eos, "ab", (b"a"[0], eos), Token(4, b"")]
