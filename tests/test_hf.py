@@ -22,14 +22,6 @@ TOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def hf_parts():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = assets.smollm2_dir()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
-
-
-@pytest.fixture(scope="module")
 def llm(hf_parts):
     model, tok = hf_parts
     with AsyncTransformer(model, tok) as lm:
