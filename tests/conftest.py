@@ -43,6 +43,42 @@ def vocab_dir() -> Path:
     return assets.vocab_dir()
 
 
+@pytest.fixture(scope="session")
+def hf_parts():
+    """SmolLM2-135M (float32) and its tokenizer, loaded once for the whole run; tests never change the weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = assets.smollm2_dir()
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
+
+
+async def ask_all_at_once(lm, seqs, order, limit: float) -> dict:
+    """Caller ``i`` asks for ``seqs[order[i]]``, every caller at once, all within
+    ``limit`` seconds: each caller's answer."""
+    got = {}
+
+    async def ask(caller, k):
+        got[caller] = await lm.next_token_logprobs(seqs[k])
+
+    with anyio.fail_after(limit):
+        async with anyio.create_task_group() as tg:
+            for caller, k in enumerate(order):
+                tg.start_soon(ask, caller, k)
+    return got
+
+
+class Outcomes(list):
+    """How each call passed to :meth:`ask` ended: None, or the exception it raised."""
+
+    async def ask(self, coro) -> None:
+        try:
+            await coro
+            self.append(None)
+        except Exception as exc:
+            self.append(exc)
+
+
 async def good_beside_bad(lm, good_ids, bad_ids):
     """Ask for ``good_ids`` and ``bad_ids`` concurrently: (the good result, the
     exception the bad request raised, or None)."""

@@ -5,6 +5,7 @@ constrained-SMC example completes only strings of its constraint."""
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -77,3 +78,27 @@ def test_control_smc_trio_completes_only_strings_of_the_constraint():
     for text in posterior:
         assert re.fullmatch(r" SMC is (🔥🔥|😍😍|🤌🤌) with LMs", text), text
     assert sum(posterior.values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_gpu_benchmark_script_runs_on_cpu_at_a_small_size():
+    """benches/gpu.sh's benchmark, kept working here (the GPU runs it at full size)."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benches" / "gpu_sis.py"),
+            "--tokenizer",
+            str(assets.smollm2_dir()),
+            "--device",
+            "cpu",
+            "--models",
+            "smollm2",
+            "--sizes",
+            "3x2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "scripts")])},
+    ).stdout
+    assert re.search(r"N=3 x 2  transformers +\d+ tok/s", out), out

@@ -13,19 +13,12 @@ import trio
 from conftest import ask_after_cancelled_callers, assets, good_beside_bad
 
 from genlm_anyio import AsyncTransformer, ClosedError, MockAsyncLM, load_model_by_name
+from genlm_anyio.lifetime import Closeable
 
 # Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
 
 TOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def hf_parts():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = assets.smollm2_dir()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -276,8 +269,10 @@ def test_closing_makes_the_model_unusable_with_a_clear_error(hf_parts):
     model, tok = hf_parts
     lm = AsyncTransformer(model, tok)
     lm.next_token_logprobs_sync([1, 2])
+    assert isinstance(lm, Closeable) and not lm.closed
     lm.close()
     lm.close()  # idempotent
+    assert lm.closed
     with pytest.raises(ClosedError):
         lm.next_token_logprobs_sync([1, 2])
 
@@ -286,6 +281,9 @@ def test_closing_makes_the_model_unusable_with_a_clear_error(hf_parts):
             await lm2.next_token_logprobs([1, 2])
         with pytest.raises(ClosedError):
             await lm2.next_token_logprobs([1, 2])
+        lm3 = AsyncTransformer(model, tok)
+        await lm3.aclose()
+        assert lm3.closed
 
     trio.run(use)
 

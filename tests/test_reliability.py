@@ -14,7 +14,7 @@ import weakref
 import anyio
 import pytest
 import torch
-from conftest import assets
+from conftest import ask_all_at_once, assets
 
 from genlm_anyio import AsyncTransformer, ClosedError
 
@@ -23,14 +23,6 @@ pytestmark = pytest.mark.slow
 
 TOL = 1e-4
 BACKENDS = ["asyncio", "trio"]
-
-
-@pytest.fixture(scope="module")
-def hf_parts():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    path = assets.smollm2_dir()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
 @pytest.fixture(scope="module")
@@ -203,18 +195,7 @@ def test_a_thousand_concurrent_callers_get_right_answers_within_the_kv_budget(hf
     order = [i % 800 for i in range(1000)]
     random.Random(1).shuffle(order)
     with AsyncTransformer(model, tok, kv_cache_bytes=budget, logprob_cache_size=0) as lm:
-        got: dict[int, torch.Tensor] = {}
-
-        async def ask(caller, k):
-            got[caller] = await lm.next_token_logprobs(seqs[k])
-
-        async def main():
-            with anyio.fail_after(120):
-                async with anyio.create_task_group() as tg:
-                    for caller, k in enumerate(order):
-                        tg.start_soon(ask, caller, k)
-
-        anyio.run(main, backend=backend)
+        got = anyio.run(ask_all_at_once, lm, seqs, order, 120, backend=backend)
         assert len(got) == 1000
         for caller in range(0, 1000, 50):
             assert matches_uncached(lm, seqs[order[caller]], got[caller])

@@ -13,6 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from genlm_anyio import Token, TokenCharacterTrie, decode_vocab
+from genlm_anyio.batching import ClosedError
+from genlm_anyio.lifetime import Closeable
 from genlm_anyio.trie import AsyncTokenCharacterTrie, ParallelTokenCharacterTrie
 
 
@@ -80,6 +82,7 @@ def test_layout_and_values_equal_genlm_backends_on_real_vocabularies(name):
     assert_same_as_genlm_backend(vocab, trie, np.random.default_rng(0).random(len(vocab)))
 
 
+@pytest.mark.slow  # importing genlm-backend's trie imports its vLLM module: ~20 s
 def test_duplicates_and_non_byte_symbols_as_genlm_backend_has_them():
     eos = EndOfSequence()
     vocab = [Token(0, b"ab"), Token(1, b"a"), Token(2, b"ab"), Token(3, b""), eos, "ab", (b"a"[0], eos), Token(4, b"")]
@@ -389,12 +392,12 @@ def test_async_trie_batches_concurrent_reductions(gpt2_trie, library, backend):
     anyio.run(main, backend=library)
     assert len(errors) == 1 and "shape" in str(errors[0])
     assert atrie.batch_stats.batches == 1 and atrie.batch_stats.largest_batch == 12
-    assert atrie._task is None  # stopped on exit; the next request starts it again
+    assert atrie._task is None and atrie.closed  # leaving the block closed it
     for (op, i), got in results.items():
         want = trie.weight_sum(ws[i]) if op == "sum" else trie.weight_max(ws[i])
         np.testing.assert_allclose(got, want, rtol=1e-10)
-    np.testing.assert_allclose(anyio.run(atrie.weight_sum, ws[0]), trie.weight_sum(ws[0]), rtol=1e-10)
-    atrie.shutdown()
+    with pytest.raises(ClosedError):
+        anyio.run(atrie.weight_sum, ws[0])
     with pytest.raises(ValueError, match="backend"):
         AsyncTokenCharacterTrie.from_vocab(vocab, backend="gpu")
 
@@ -441,3 +444,35 @@ def test_visualize_draws_every_node_and_edge():
     source = dot.source
     assert source.count("->") == trie.num_nodes - 1
     assert "doublecircle" in source and "end of entry 2" in source and "1.0000" in source
+
+
+@pytest.mark.parametrize("library", ["asyncio", "trio"])
+def test_async_trie_lifetime(gpt2_trie, library):
+    """shutdown()/cleanup() pause the worker (genlm-backend's names); close()/aclose(),
+    `with` and `async with` end the trie, as they end a model."""
+    import anyio
+
+    vocab, trie = gpt2_trie
+    ws = np.random.default_rng(5).random(len(vocab))
+    want = trie.weight_sum(ws)
+    atrie = AsyncTokenCharacterTrie(trie)
+    assert isinstance(atrie, Closeable)
+
+    async def paused_then_closed():
+        np.testing.assert_allclose(await atrie.weight_sum(ws), want)
+        await atrie.cleanup()
+        assert atrie._task is None and not atrie.closed
+        np.testing.assert_allclose(await atrie.weight_sum(ws), want)  # a new worker
+        await atrie.aclose()
+        await atrie.aclose()  # closing twice is a no-op
+        with pytest.raises(ClosedError):
+            await atrie.weight_sum(ws)
+
+    anyio.run(paused_then_closed, backend=library)
+    assert atrie.closed and atrie._task is None
+
+    with AsyncTokenCharacterTrie(trie) as synced:
+        np.testing.assert_allclose(anyio.run(synced.weight_max, ws, backend=library), trie.weight_max(ws))
+    assert synced.closed
+    with pytest.raises(ClosedError):
+        synced.start()

@@ -19,7 +19,7 @@ import anyio
 import pytest
 import torch
 import trio
-from conftest import ask_after_cancelled_callers, assets, good_beside_bad
+from conftest import Outcomes, ask_after_cancelled_callers, ask_all_at_once, assets, good_beside_bad
 
 if sys.version_info >= (3, 11):
     from builtins import ExceptionGroup
@@ -373,18 +373,7 @@ def test_many_concurrent_callers_get_right_answers(vllm_lm, hf_lm, run):
     vllm_lm.clear_cache()
     batch_stats, stats = vllm_lm.batch_stats, vllm_lm.engine.stats
     before, engine_before = replace(batch_stats), replace(stats)
-    got: dict[int, torch.Tensor] = {}
-
-    async def ask(caller, k):
-        got[caller] = await vllm_lm.next_token_logprobs(seqs[k])
-
-    async def main():
-        with anyio.fail_after(300):
-            async with anyio.create_task_group() as tg:
-                for caller, k in enumerate(order):
-                    tg.start_soon(ask, caller, k)
-
-    run(main)
+    got = run(ask_all_at_once, vllm_lm, seqs, order, 300)
     # Before batches were capped at the engine's request slots, this hung: the sessions
     # of a batch's first max_num_seqs requests held every slot, and the rest never ran.
     assert LOAD > vllm_lm.engine.max_requests
@@ -513,28 +502,21 @@ def test_an_engine_that_dies_mid_batch_fails_every_waiting_caller_and_close_retu
 
     monkeypatch.setattr(core, "get_output", dying)
     p = prompt(vllm_lm)
-    outcomes: list[BaseException | None] = []
-
-    async def ask(coro):
-        try:
-            await coro
-            outcomes.append(None)
-        except Exception as exc:
-            outcomes.append(exc)
+    outcomes = Outcomes()
 
     async def main():
         with anyio.fail_after(120):
             async with vllm_lm:
                 async with anyio.create_task_group() as tg:
                     started = vllm_lm.engine.stats.requests
-                    tg.start_soon(ask, vllm_lm.batch_sample([p, p[:3]], 32, []))
-                    tg.start_soon(ask, vllm_lm.sample(p, 16, [], seed=1))
+                    tg.start_soon(outcomes.ask, vllm_lm.batch_sample([p, p[:3]], 32, []))
+                    tg.start_soon(outcomes.ask, vllm_lm.sample(p, 16, [], seed=1))
                     # Once a decode loop runs (the engine's thread counts what it adds), the rest queue.
                     while vllm_lm.engine.stats.requests == started:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
                     for t in range(300):  # more than one batch (max_batch_size 256)
-                        tg.start_soon(ask, vllm_lm.next_token_logprobs(p + [t]))
-                    tg.start_soon(ask, vllm_lm.batch_next_token_logprobs([p + [7], p + [400, 401]]))
+                        tg.start_soon(outcomes.ask, vllm_lm.next_token_logprobs(p + [t]))
+                    tg.start_soon(outcomes.ask, vllm_lm.batch_next_token_logprobs([p + [7], p + [400, 401]]))
             with pytest.raises(ClosedError):
                 await vllm_lm.next_token_logprobs([1, 2])
 

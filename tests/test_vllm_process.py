@@ -15,7 +15,7 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import assets
+from conftest import Outcomes, assets
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 
@@ -43,25 +43,18 @@ def test_a_killed_engine_process_fails_every_waiting_caller_and_close_returns(mo
         assert out.shape == (lm.vocab_size,) and torch.isfinite(out).all()
         assert torch.logsumexp(out, 0).item() == pytest.approx(0.0, abs=1e-4)
 
-        outcomes: list[BaseException | None] = []
-
-        async def ask(coro):
-            try:
-                await coro
-                outcomes.append(None)
-            except Exception as exc:
-                outcomes.append(exc)
+        outcomes = Outcomes()
 
         async def main():
             with anyio.fail_after(120):
                 async with anyio.create_task_group() as tg:
                     requests = lm.engine.stats.requests
-                    tg.start_soon(ask, lm.sample(p, 4000, [], seed=1))
+                    tg.start_soon(outcomes.ask, lm.sample(p, 4000, [], seed=1))
                     # Once its decode loop runs (the engine's thread counts what it adds), the rest queue.
                     while lm.engine.stats.requests == requests:  # noqa: ASYNC110
                         await anyio.sleep(0.01)
                     for t in range(50):
-                        tg.start_soon(ask, lm.next_token_logprobs(p + [t]))
+                        tg.start_soon(outcomes.ask, lm.next_token_logprobs(p + [t]))
                     await anyio.sleep(0.5)
                     os.kill(engine[0].pid, signal.SIGKILL)
                 # The model fails clearly from now on, and closes.

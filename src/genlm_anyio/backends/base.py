@@ -17,6 +17,7 @@ import anyio
 import torch
 
 from ..batching import Batcher, BatchStats
+from ..lifetime import Closeable
 from ..vocab import Token, decode_vocab, tokens_from_bytes
 
 TokenIds = tuple[int, ...]
@@ -118,12 +119,14 @@ def _as_ids(token_ids: Any, vocab_size: int, name: str = "token_ids") -> TokenId
     return tuple(ids)
 
 
-class AsyncLM(abc.ABC):
+class AsyncLM(Closeable):
     """A language model that answers next-token log-probability requests.
 
     Every async method works under asyncio and trio, from any number of
     concurrent tasks: concurrent requests are computed together in batches by one
     worker thread per model. Every ``*_sync`` method works from plain threads.
+    Its lifetime is :class:`~genlm_anyio.lifetime.Closeable`'s: ``close()`` /
+    ``await aclose()``, or a ``with`` / ``async with`` block.
 
     Attributes:
         tokenizer: the Hugging Face tokenizer.
@@ -180,10 +183,10 @@ class AsyncLM(abc.ABC):
         """Free ``adapter``'s weights and every cached result computed with it."""
         raise NotImplementedError(f"{type(self).__name__} does not support LoRA adapters")
 
-    def clear_cache(self) -> None:  # noqa: B027 - optional: backends with caches override it
+    def clear_cache(self) -> None:
         """Drop every cached computation (no-op where nothing is cached)."""
 
-    def _release(self) -> None:  # noqa: B027 - optional: backends holding resources override it
+    def _release(self) -> None:
         """Free the backend's resources (the batcher is already closed)."""
 
     # -- LoRA adapters ----------------------------------------------------------------
@@ -393,18 +396,7 @@ class AsyncLM(abc.ABC):
                 stacklevel=2,
             )
 
-    async def aclose(self, timeout: float | None = 60.0) -> None:  # noqa: ASYNC109 - close()'s own timeout
-        """:meth:`close`, without blocking the event loop while a running batch finishes."""
-        await anyio.to_thread.run_sync(self.close, timeout)
-
-    def __enter__(self) -> AsyncLM:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    async def __aenter__(self) -> AsyncLM:
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._batcher.closed

@@ -9,7 +9,8 @@ import anyio
 import numpy as np
 
 from ..arrays import float_array
-from ..batching import Batcher, BatchStats
+from ..batching import Batcher, BatchStats, ClosedError
+from ..lifetime import Closeable
 from .rust import TokenCharacterTrie
 
 _OPS = ("sum", "max")
@@ -24,14 +25,18 @@ class _Request:
         self.op, self.ws = op, ws
 
 
-class AsyncTokenCharacterTrie:
+class AsyncTokenCharacterTrie(Closeable):
     """``await weight_sum(ws)`` / ``await weight_max(ws)`` from many tasks, computed
     as batched reductions of ``trie`` in a worker thread (asyncio or trio).
 
     A request whose weights the trie refuses (NaN, say) fails only in the task
     that sent it; the others batched with it get their results. The worker starts
-    on the first request (or :meth:`start`); :meth:`shutdown` / :meth:`cleanup`
-    stop it, and a later request starts a new one.
+    on the first request (or :meth:`start`).
+
+    Its lifetime is the models' (:class:`~genlm_anyio.lifetime.Closeable`):
+    ``close()`` / ``await aclose()`` or a ``with`` / ``async with`` block end it.
+    genlm-backend's :meth:`shutdown` / :meth:`cleanup` only stop the worker: a
+    later request starts a new one.
     """
 
     def __init__(self, trie: TokenCharacterTrie, max_batch_size: int = 256):
@@ -41,22 +46,25 @@ class AsyncTokenCharacterTrie:
         self._max_batch_size = max_batch_size
         self._batcher: Batcher[_Request, np.ndarray | Exception] | None = None
         self._stats: BatchStats | None = None
+        self._closed = False
 
     @classmethod
     def from_vocab(cls, vocab: Sequence[Any], backend: str = "parallel", **kwargs: Any) -> AsyncTokenCharacterTrie:
-        """Build the trie of ``vocab``: ``backend`` ``"parallel"`` (torch, ``device=``
-        in ``kwargs``; the default, as in genlm-backend) or ``"sequential"`` (the
-        Rust core; also ``"rust"``)."""
-        if backend in ("sequential", "rust"):
+        """Build the trie of ``vocab``. ``backend`` names the engine that computes
+        the reductions, as genlm-backend does: ``"parallel"`` (torch, on
+        ``device=`` from ``kwargs``; the default) or ``"sequential"`` (the Rust core)."""
+        if backend == "sequential":
             return cls(TokenCharacterTrie(vocab, **kwargs))
         if backend == "parallel":
             from .parallel import ParallelTokenCharacterTrie  # imports torch, so only when asked for
 
             return cls(ParallelTokenCharacterTrie(vocab, **kwargs))
-        raise ValueError(f"backend must be 'sequential', 'parallel' or 'rust', not {backend!r}")
+        raise ValueError(f"backend must be 'sequential' or 'parallel', not {backend!r}")
 
     def start(self) -> None:
         """Start the worker if it is not running (requests start it too)."""
+        if self._closed:
+            raise ClosedError("this trie is closed")
         if self._batcher is None:
             self._batcher = Batcher(self._compute, max_batch_size=self._max_batch_size, name="genlm-anyio-trie")
             self._stats = self._batcher.stats
@@ -119,23 +127,28 @@ class AsyncTokenCharacterTrie:
 
     def shutdown(self) -> None:
         """Stop the worker; requests still pending fail. A later request starts a new one."""
-        batcher, self._batcher = self._batcher, None
-        if batcher is not None:
-            batcher.close()
-
-    close = shutdown
+        self._stop_worker(None)
 
     async def cleanup(self) -> None:
         """:meth:`shutdown`, without blocking the event loop."""
         await anyio.to_thread.run_sync(self.shutdown)
 
-    async def __aenter__(self) -> AsyncTokenCharacterTrie:
-        return self
+    def _stop_worker(self, timeout: float | None) -> None:
+        batcher, self._batcher = self._batcher, None
+        if batcher is not None:
+            batcher.close(timeout)
 
-    async def __aexit__(self, *exc: object) -> None:
-        await self.cleanup()
+    def close(self, timeout: float | None = 60.0) -> None:
+        """Stop the worker for good: pending and later requests raise ClosedError."""
+        self._closed = True
+        self._stop_worker(timeout)
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` has run."""
+        return self._closed
 
     def __del__(self) -> None:
         batcher = getattr(self, "_batcher", None)
         if batcher is not None:
-            batcher.close()
+            batcher.close(timeout=0)

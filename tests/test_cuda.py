@@ -1,0 +1,86 @@
+"""The transformers backend and the parallel trie on a CUDA device.
+
+The model is SmolLM2-135M's Llama shape with seeded random weights (float32, so
+that cached and uncached passes can be compared closely), over the SmolLM2
+tokenizer: from ``GENLM_ANYIO_TOKENIZER`` (a folder), or the asset cache.
+Skipped where torch sees no CUDA device; ``benches/gpu.sh`` runs it on one.
+"""
+
+from __future__ import annotations
+
+import os
+
+import anyio
+import numpy as np
+import pytest
+import torch
+
+from genlm_anyio import AsyncTransformer, TokenCharacterTrie
+from genlm_anyio.trie import ParallelTokenCharacterTrie
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def cuda_lm():
+    import assets
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(os.environ.get("GENLM_ANYIO_TOKENIZER") or assets.smollm2_dir())
+    model = assets.random_llama("smollm2", tokenizer, "cuda", torch.float32)
+    with AsyncTransformer(model, tokenizer) as lm:
+        yield lm
+
+
+def test_the_model_runs_on_the_device_and_a_lone_request_equals_the_uncached_pass(cuda_lm):
+    assert cuda_lm.device.type == "cuda"
+    ids = cuda_lm.tokenizer.encode("Montreal is a city in")
+    with torch.no_grad():
+        want = torch.log_softmax(cuda_lm.model(torch.tensor([ids], device="cuda")).logits[0, -1].float(), -1).cpu()
+    got = cuda_lm.next_token_logprobs_sync(ids)
+    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=0)
+
+
+def test_extending_by_one_token_computes_one_token_and_batches_agree(cuda_lm):
+    prompt = cuda_lm.tokenizer.encode("The capital of France")
+    cuda_lm.next_token_logprobs_sync(prompt)
+    before = cuda_lm.stats.tokens_computed
+    cuda_lm.next_token_logprobs_sync(prompt + [11])
+    assert cuda_lm.stats.tokens_computed - before == 1
+
+    rows = [prompt + [t] for t in range(20, 36)]
+
+    async def batch() -> list[torch.Tensor]:
+        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
+
+        async def one(i: int) -> None:
+            out[i] = await cuda_lm.next_token_logprobs(rows[i])
+
+        async with anyio.create_task_group() as tg:
+            for i in range(len(rows)):
+                tg.start_soon(one, i)
+        return out
+
+    passes = cuda_lm.stats.forward_passes
+    got = anyio.run(batch)
+    assert cuda_lm.stats.forward_passes - passes == 1
+    for row, logps in zip(rows, got):
+        with torch.no_grad():
+            want = torch.log_softmax(cuda_lm.model(torch.tensor([row], device="cuda")).logits[0, -1].float(), -1)
+        torch.testing.assert_close(logps.cpu(), want.cpu(), atol=1e-3, rtol=0)
+
+
+def test_seeded_sampling_repeats(cuda_lm):
+    prompt = cuda_lm.tokenizer.encode("Once upon a time")
+    a = anyio.run(lambda: cuda_lm.sample(prompt, 8, [cuda_lm.tokenizer.eos_token_id], seed=3))
+    b = anyio.run(lambda: cuda_lm.sample(prompt, 8, [cuda_lm.tokenizer.eos_token_id], seed=3))
+    assert a == b and 0 < len(a) <= 8
+
+
+def test_the_parallel_trie_on_the_device_equals_the_rust_trie(cuda_lm):
+    vocab = cuda_lm.byte_vocab
+    ws = np.random.default_rng(0).random((4, len(vocab)))
+    rust = TokenCharacterTrie(vocab)
+    gpu = ParallelTokenCharacterTrie(vocab, device="cuda")
+    np.testing.assert_allclose(gpu.batch_weight_sum(ws), rust.batch_weight_sum(ws), rtol=1e-5)
+    np.testing.assert_allclose(gpu.batch_weight_max(ws), rust.batch_weight_max(ws), rtol=1e-6)
