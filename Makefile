@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 ASSETS := $(PY) scripts/assets.py
 
-.PHONY: setup assets gpu-assets demo lint test test-fast test-wheel test-rust test-python test-vllm test-clients clients-reference bench soak clean
+.PHONY: setup assets gpu-assets demo docs lint test test-fast test-wheel test-rust test-python test-vllm test-clients clients-reference bench soak clean
 
 setup:
 	@bash scripts/setup.sh
@@ -63,7 +63,11 @@ lint: setup
 	cargo clippy --release --all-targets -- -D warnings
 	PYO3_PYTHON=$(abspath $(PY)) cargo clippy --release --all-targets --features python -- -D warnings
 
-test: lint test-rust test-wheel test-clients test-python test-vllm
+# The documentation site, into site/ (warnings are errors; the docs' code examples run in test-python).
+docs: setup
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+test: lint docs test-rust test-wheel test-clients test-python test-vllm
 
 bench: assets
 	$(PY) benches/bench_vocab_trie.py
@@ -80,4 +84,4 @@ soak: assets
 	$(PY) benches/soak.py --minutes 10
 
 clean:
-	rm -rf target $(VENV) .pytest_cache
+	rm -rf target $(VENV) .pytest_cache site
