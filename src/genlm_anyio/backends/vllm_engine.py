@@ -131,9 +131,15 @@ class VLLMEngine:
         self._loras: dict[Adapter, Any] = {}  # registered adapter -> its vLLM LoRARequest
         self._lock = threading.Lock()
         self.stats = EngineStats()
-        # Built once: the input processor clones it for each request. Greedy, because
+        from .vllm_logprobs import find_capture
+
+        # Where the engine's worker runs in this process, log-probability rows come from
+        # the FullLogprobs logits processor (no sort); otherwise from logprobs=-1.
+        self._capture = find_capture(core)
+        # Built once: the input processor clones them for each request. Greedy, because
         # the sampled token is thrown away and this is the cheapest way to draw it.
-        self._logprob_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False)
+        self._captured_params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
+        self._sorted_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False)
         self.version = version
         from vllm.platforms import current_platform
 
@@ -154,11 +160,15 @@ class VLLMEngine:
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
+        from .vllm_logprobs import FullLogprobs
+
         opts = {"enable_prefix_caching": True, **engine_opts}
         clash = {k: opts[k] for k, v in _REQUIRED_OPTIONS.items() if k in opts and opts[k] != v}
         if clash:
             raise ValueError(f"engine_opts may not set {clash}: genlm-anyio needs {_REQUIRED_OPTIONS}")
         opts.update(_REQUIRED_OPTIONS)
+        if not opts.get("speculative_config"):  # vLLM refuses logits processors with speculative decoding
+            opts["logits_processors"] = [*(opts.get("logits_processors") or ()), FullLogprobs]
         return cls(LLMEngine.from_engine_args(EngineArgs(model=model, **opts)))
 
     def get_tokenizer(self) -> Any:
@@ -215,7 +225,10 @@ class VLLMEngine:
                 ignore_eos=True,  # only the caller's eos ids stop a run
                 detokenize=False,
             )
-        return self._logprob_params
+        return self._logprob_params()
+
+    def _logprob_params(self) -> Any:
+        return self._sorted_params if self._capture is None else self._captured_params
 
     def _add(self, request: Request) -> str:
         """Start a request; a log-probability request opens a session."""
@@ -234,6 +247,8 @@ class VLLMEngine:
             resumable=session,
         )
         self._inputs.assign_request_id(core_request)
+        if session:
+            self._mark(core_request)
         self._core.add_request(core_request)
         self.stats.requests += 1
         self.stats.tokens_fed += len(prompt)
@@ -246,15 +261,24 @@ class VLLMEngine:
         core_request = self._inputs.process_inputs(
             rid,
             TokensPrompt(prompt_token_ids=list(new_tokens)),
-            self._logprob_params,
+            self._logprob_params(),
             supported_tasks=self._tasks,
             lora_request=self._lora(adapter),
             resumable=True,
         )
         core_request.external_req_id = rid
+        self._mark(core_request)
         self._core.add_request(core_request)
         self.stats.sessions_resumed += 1
         self.stats.tokens_fed += len(new_tokens)
+
+    def _mark(self, core_request: Any) -> None:
+        """Have :class:`FullLogprobs` keep this log-probability request's row (on
+        the input processor's own copy of its sampling parameters)."""
+        if self._capture is not None:
+            from .vllm_logprobs import KEY
+
+            core_request.sampling_params.extra_args = {KEY: core_request.request_id}
 
     @staticmethod
     def _claim(query: Query, idle: dict[Query, str]) -> tuple[str, TokenIds, Adapter | None] | None:
@@ -274,6 +298,13 @@ class VLLMEngine:
 
     def _logprobs(self, output: Any) -> torch.Tensor:
         """The full log-probability vector of a one-token request's output."""
+        if self._capture is not None:
+            row = self._capture.rows.pop(output.request_id, None)
+            if row is None:
+                raise RuntimeError(
+                    "vLLM sampled a log-probability request without running genlm-anyio's logits processor"
+                )
+            return row.cpu()
         lists = output.new_logprobs
         # Row 0 is [sampled token, then all V tokens by rank]; put them back in id order.
         ids, values = lists.logprob_token_ids[0, 1:], lists.logprobs[0, 1:]
@@ -375,7 +406,7 @@ class VLLMEngine:
                             self.stats.tokens_cached += output.prefill_stats.num_cached_tokens
                         if rid in sampled:
                             sampled[rid].extend(output.new_token_ids)
-                        elif output.new_logprobs is not None:
+                        elif output.new_token_ids:  # the step that computed its log-probabilities
                             results[where[rid]] = self._logprobs(output)
                         if output.finish_reason is not None:
                             waiting.discard(rid)
@@ -387,6 +418,9 @@ class VLLMEngine:
             # Leave the engine with nothing of this batch in flight or idle.
             self._retire(list(idle.values()) + [rid for rid in where if rid not in sampled or rid in waiting])
             raise
+        finally:
+            if self._capture is not None:
+                self._capture.rows.clear()  # rows of requests this batch did not finish
         for rid, i in where.items():
             request = requests[i]
             if isinstance(request, SampleRequest):  # exactly the requests in ``sampled``
