@@ -2,11 +2,15 @@
 
 genlm-anyio drives vLLM's engine core directly: a request goes in as an
 ``EngineCoreRequest`` (built by the engine's own input processor) and its output
-comes back as an ``EngineCoreOutput``. At that level the log-probabilities of a
-step are numpy arrays; the front end's output processor, which turns them into
-one Python ``Logprob`` object per token, is never involved. So full-vocabulary
-log-probabilities cost one ``topk`` over the vocabulary in the sampler and one
-scatter here, and nothing per token in Python.
+comes back as an ``EngineCoreOutput``; the front end's output processor, which
+turns log-probabilities into one Python ``Logprob`` object per token, is never
+involved. Where the engine's worker runs in this process (the in-process engine
+core, one worker), a log-probability request asks vLLM for no logprobs and its
+row comes from :class:`~genlm_anyio.backends.vllm_logprobs.FullLogprobs`, a
+logits processor that keeps the ``log_softmax`` of its raw logits: nothing is
+sorted. Elsewhere it asks for ``logprobs=-1``, which vLLM's sampler computes with
+a ``topk`` over the vocabulary (a full sort of each row), and one numpy scatter
+here puts the values back in token-id order.
 
 Each log-probability request is a streaming-input session (a resumable request):
 after its one step it stays in the engine, idle, with its KV blocks. A later
