@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -132,6 +133,7 @@ class VLLMEngine:
         # Idle streaming-input sessions (vLLM's resumable requests) of the last
         # batch, by the tokens (and adapter) they hold: extending one computes only the new tokens.
         self._sessions: dict[Query, str] = {}
+        self._opened: dict[str, Any] = {}  # session -> the EngineCoreRequest that opened it
         self._loras: dict[Adapter, Any] = {}  # registered adapter -> its vLLM LoRARequest
         self._lock = threading.Lock()
         self.stats = EngineStats()
@@ -253,26 +255,24 @@ class VLLMEngine:
         self._inputs.assign_request_id(core_request)
         if session:
             self._mark(core_request)
+            self._opened[core_request.request_id] = core_request
         self._core.add_request(core_request)
         self.stats.requests += 1
         self.stats.tokens_fed += len(prompt)
         return core_request.request_id
 
-    def _resume(self, rid: str, new_tokens: Sequence[int], adapter: Adapter | None) -> None:
-        """Feed ``new_tokens`` to the idle session ``rid``: only they are computed."""
-        from vllm.inputs import TokensPrompt
+    def _resume(self, rid: str, new_tokens: Sequence[int]) -> None:
+        """Feed ``new_tokens`` to the idle session ``rid``: only they are computed.
 
-        core_request = self._inputs.process_inputs(
-            rid,
-            TokensPrompt(prompt_token_ids=list(new_tokens)),
-            self._logprob_params(),
-            supported_tasks=self._tasks,
-            lora_request=self._lora(adapter),
-            resumable=True,
+        The request is the one that opened the session with the new tokens in
+        place of the prompt (the same id, sampling parameters and adapter): the
+        input processor would only rebuild what that request already holds,
+        at about a third of a millisecond per request on CPU."""
+        import msgspec
+
+        self._core.add_request(
+            msgspec.structs.replace(self._opened[rid], prompt_token_ids=list(new_tokens), arrival_time=time.time())
         )
-        core_request.external_req_id = rid
-        self._mark(core_request)
-        self._core.add_request(core_request)
         self.stats.sessions_resumed += 1
         self.stats.tokens_fed += len(new_tokens)
 
@@ -285,20 +285,22 @@ class VLLMEngine:
             core_request.sampling_params.extra_args = {KEY: core_request.request_id}
 
     @staticmethod
-    def _claim(query: Query, idle: dict[Query, str]) -> tuple[str, TokenIds, Adapter | None] | None:
+    def _claim(query: Query, idle: dict[Query, str]) -> tuple[str, TokenIds] | None:
         """The idle session (under the same adapter) whose tokens ``query`` extends
         the least (taken out of ``idle``), with the tokens ``query`` adds to it."""
         ids = query.ids
         for extra in range(1, min(len(ids), _MAX_RESUME_TOKENS + 1)):
             rid = idle.pop(Query(ids[:-extra], query.adapter), None)
             if rid is not None:
-                return rid, ids[-extra:], query.adapter
+                return rid, ids[-extra:]
         return None
 
     def _retire(self, rids: Sequence[str]) -> None:
         """End sessions; their KV blocks stay in the prefix cache, free to evict."""
         if rids:
             self._core.abort_requests(list(rids))
+            for rid in rids:
+                self._opened.pop(rid, None)
 
     def _logprobs(self, output: Any) -> torch.Tensor:
         """The full log-probability vector of a one-token request's output."""
