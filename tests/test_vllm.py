@@ -119,6 +119,21 @@ def test_rows_from_the_logits_processor_equal_vllms_own_full_logprobs(vllm_lm):
         engine.close_sessions()
 
 
+def test_the_logits_processor_goes_only_where_vllm_takes_it():
+    from genlm_anyio.backends.vllm_logprobs import FullLogprobs, install
+
+    def config(v2: bool, speculative: object = None, processors: list | None = None) -> SimpleNamespace:
+        model = SimpleNamespace(logits_processors=processors)
+        return SimpleNamespace(use_v2_model_runner=v2, speculative_config=speculative, model_config=model)
+
+    mine = config(False, processors=["user.module:Processor"])
+    install(mine)
+    assert mine.model_config.logits_processors == ["user.module:Processor", FullLogprobs]
+    for other in (config(True), config(False, speculative=object())):  # V2 runner; speculative decoding
+        install(other)
+        assert other.model_config.logits_processors is None
+
+
 def test_underlying_model_is_the_in_process_engines_torch_model(vllm_lm):
     model = vllm_lm.underlying_model
     assert isinstance(model, torch.nn.Module) and type(model).__name__ == "LlamaForCausalLM"  # SmolLM2's architecture

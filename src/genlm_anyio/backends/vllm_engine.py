@@ -166,16 +166,17 @@ class VLLMEngine:
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
 
-        from .vllm_logprobs import FullLogprobs
+        from .vllm_logprobs import install
 
         opts = {"enable_prefix_caching": True, **engine_opts}
         clash = {k: opts[k] for k, v in _REQUIRED_OPTIONS.items() if k in opts and opts[k] != v}
         if clash:
             raise ValueError(f"engine_opts may not set {clash}: genlm-anyio needs {_REQUIRED_OPTIONS}")
         opts.update(_REQUIRED_OPTIONS)
-        if not opts.get("speculative_config"):  # vLLM refuses logits processors with speculative decoding
-            opts["logits_processors"] = [*(opts.get("logits_processors") or ()), FullLogprobs]
-        return cls(LLMEngine.from_engine_args(EngineArgs(model=model, **opts)))
+        args = EngineArgs(model=model, **opts)
+        config = args.create_engine_config()
+        install(config)
+        return cls(LLMEngine.from_vllm_config(config, disable_log_stats=args.disable_log_stats))
 
     def get_tokenizer(self) -> Any:
         """The engine's Hugging Face tokenizer."""

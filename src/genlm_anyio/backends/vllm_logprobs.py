@@ -10,9 +10,9 @@ logits unchanged. Requests marked for it ask for no logprobs at all, so the
 sampler skips its own.
 
 It runs inside the engine's worker, so its rows are in reach only when the
-worker runs in this process (the in-process engine core with one worker);
-:func:`find_capture` finds it there. Elsewhere genlm-anyio asks for
-``logprobs=-1`` as before.
+worker runs in this process (the in-process engine core with one worker, on
+vLLM's V1 model runner: :func:`install`); :func:`find_capture` finds it there.
+Elsewhere genlm-anyio asks for ``logprobs=-1``.
 
 This module imports vLLM: import it only once vLLM is known to be installed.
 """
@@ -67,6 +67,17 @@ class FullLogprobs(LogitsProcessor):
             for i, row in zip(index, values):
                 self.rows[self._marked[i]] = row
         return logits
+
+
+def install(vllm_config: Any) -> None:
+    """Add :class:`FullLogprobs` to an engine configuration's logits processors
+    where vLLM's V1 model runner will take it: vLLM's V2 model runner (on GPUs
+    with Triton) takes only processors of its own interface, and speculative
+    decoding takes none. Elsewhere the engine runs without it (``logprobs=-1``)."""
+    if vllm_config.use_v2_model_runner or vllm_config.speculative_config is not None:
+        return
+    model = vllm_config.model_config
+    model.logits_processors = [*(model.logits_processors or ()), FullLogprobs]
 
 
 def find_capture(core: Any) -> FullLogprobs | None:
