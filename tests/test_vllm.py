@@ -31,6 +31,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 pytest.importorskip("vllm")
 
 from genlm_anyio import AsyncTransformer, AsyncVirtualLM, ClosedError, load_model_by_name
+from genlm_anyio.backends.base import Query
 from genlm_anyio.backends.vllm_engine import VLLMEngine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -91,6 +92,46 @@ def test_the_engine_is_set_up_for_full_vocabulary_logprobs(vllm_lm):
     assert torch.isfinite(out).all()
     assert torch.logsumexp(out, 0).item() == pytest.approx(0.0, abs=1e-4)
     assert len(vllm_lm.byte_vocab) == vllm_lm.vocab_size
+
+
+def test_rows_from_the_logits_processor_equal_vllms_own_full_logprobs(vllm_lm):
+    """The in-process engine reads each row from genlm-anyio's logits processor
+    (no sort over the vocabulary); an engine wrapper without it asks vLLM for
+    ``logprobs=-1``. Both paths, fresh requests and resumed sessions, give the same rows."""
+    engine = vllm_lm.engine
+    assert engine._capture is not None
+    sorted_path = VLLMEngine(engine._engine)
+    sorted_path._capture = None  # as for an engine whose worker runs in another process
+    p, q = prompt(vllm_lm), prompt(vllm_lm, "The quick brown fox jumps over the lazy")
+    seqs = [p, q, p + [28], p[:3], [42]]
+    try:
+        for grow in ([], [7], [8, 9]):
+            seqs = [s + grow for s in seqs]
+            queries = [Query(tuple(s)) for s in seqs]
+            captured, ranked = engine.run(queries), sorted_path.run(queries)
+            for got, want in zip(captured, ranked):
+                assert got.shape == want.shape == (vllm_lm.vocab_size,)
+                assert (got - want).abs().max().item() < 1e-4
+        assert engine.stats.sessions_resumed > 0 and sorted_path.stats.sessions_resumed > 0
+        assert not engine._capture.rows  # every kept row was handed out or dropped
+    finally:
+        sorted_path.close_sessions()
+        engine.close_sessions()
+
+
+def test_the_logits_processor_goes_only_where_vllm_takes_it():
+    from genlm_anyio.backends.vllm_logprobs import FullLogprobs, install
+
+    def config(v2: bool, speculative: object = None, processors: list | None = None) -> SimpleNamespace:
+        model = SimpleNamespace(logits_processors=processors)
+        return SimpleNamespace(use_v2_model_runner=v2, speculative_config=speculative, model_config=model)
+
+    mine = config(False, processors=["user.module:Processor"])
+    install(mine)
+    assert mine.model_config.logits_processors == ["user.module:Processor", FullLogprobs]
+    for other in (config(True), config(False, speculative=object())):  # V2 runner; speculative decoding
+        install(other)
+        assert other.model_config.logits_processors is None
 
 
 def test_underlying_model_is_the_in_process_engines_torch_model(vllm_lm):

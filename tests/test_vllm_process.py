@@ -42,6 +42,14 @@ def test_a_killed_engine_process_fails_every_waiting_caller_and_close_returns(mo
         out = lm.next_token_logprobs_sync(p)
         assert out.shape == (lm.vocab_size,) and torch.isfinite(out).all()
         assert torch.logsumexp(out, 0).item() == pytest.approx(0.0, abs=1e-4)
+        # The worker is in the child, so rows come from logprobs=-1 (vLLM's sort), and
+        # a resumed session (re-sent to the child) gives the row a new request gives.
+        assert lm.engine._capture is None
+        resumed = lm.engine.stats.sessions_resumed
+        grown = lm.next_token_logprobs_sync(p + [11])
+        assert lm.engine.stats.sessions_resumed == resumed + 1
+        lm.clear_cache()
+        assert (grown - lm.next_token_logprobs_sync(p + [11])).abs().max().item() < 1e-4
 
         outcomes = Outcomes()
 

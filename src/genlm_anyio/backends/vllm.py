@@ -27,7 +27,9 @@ class AsyncVirtualLM(AsyncLM):
     Args:
         engine: a :class:`~genlm_anyio.backends.vllm_engine.VLLMEngine`, or a
             vLLM ``LLMEngine`` built with ``max_logprobs=-1`` and
-            ``logprobs_mode="raw_logprobs"``.
+            ``logprobs_mode="raw_logprobs"`` (and, for log-probabilities without
+            vLLM's sort over the vocabulary, ``logits_processors`` holding
+            :class:`~genlm_anyio.backends.vllm_logprobs.FullLogprobs`; ``from_name`` adds it).
         max_batch_size: most requests handed to the engine at once; at most the
             engine's request slots (``max_num_seqs``), since each request of a
             batch holds one until the batch ends.
