@@ -48,6 +48,12 @@ def _to_mlx(t: torch.Tensor) -> Any:
     return mx.array(t.numpy())
 
 
+def _log_softmax(logits: Any) -> torch.Tensor:
+    """float32 log-probabilities of mlx ``logits`` along the last axis, normalized by
+    torch: mlx's CPU ``logsumexp`` is off by up to ~1e-4 over a 49k vocabulary."""
+    return torch.log_softmax(_to_torch(logits).float(), dim=-1)
+
+
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -378,7 +384,6 @@ class AsyncMlxLM(PrefixCachedLM):
             caches = [_RowCache(None, offset, mask) for _ in range(layers)]
         logits = self._run_model(mx.array(tokens), caches, [job.query.adapter for job in jobs])
         last = logits[mx.arange(batch), mx.array([len(n) - 1 for n in news])].astype(mx.float32)
-        logprobs = last - mx.logsumexp(last, axis=-1, keepdims=True)
         # (batch, heads, width, dim) per layer -> (batch * width, layers, heads, dim), padding left out.
         rows = mx.array([b * width + j for b, new in enumerate(news) for j in range(len(new))])
         new_kv = []
@@ -386,8 +391,8 @@ class AsyncMlxLM(PrefixCachedLM):
             stacked = mx.stack([c.new[part] for c in caches], axis=1)  # (batch, layers, heads, width, dim)
             flat = stacked.transpose(0, 3, 1, 2, 4).reshape(batch * width, layers, self.kv_cache.heads, -1)
             new_kv.append(flat[rows])
-        mx.eval(logprobs, *new_kv)
-        return _to_torch(logprobs), _to_torch(new_kv[0]), _to_torch(new_kv[1])
+        mx.eval(last, *new_kv)
+        return _log_softmax(last), _to_torch(new_kv[0]), _to_torch(new_kv[1])
 
     # -- uncached ---------------------------------------------------------------------
     def next_token_logprobs_uncached(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
@@ -399,10 +404,8 @@ class AsyncMlxLM(PrefixCachedLM):
             if not self._registered(query.adapter):
                 self._result(RequestFailed.adapter_removed(query.adapter))  # type: ignore[arg-type]
             logits = self._run_model(mx.array([query.ids], mx.int32), None, [query.adapter])[0, -1]
-            logits = logits.astype(mx.float32)
-            logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-            mx.eval(logprobs)
-        return _to_torch(logprobs)
+            mx.eval(logits)
+        return _log_softmax(logits)
 
     def clear_cache(self) -> None:
         """Drop the KV cache, the output cache and mlx's buffer cache."""
