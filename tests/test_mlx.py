@@ -16,10 +16,10 @@ import torch
 import trio
 from conftest import ask_after_cancelled_callers, assets, good_beside_bad
 
+from genlm_anyio import AsyncMlxLM, ClosedError, load_model_by_name
+
 pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'genlm-anyio[mlx]')")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install 'genlm-anyio[mlx]')")
-
-from genlm_anyio import AsyncMlxLM, ClosedError, load_model_by_name  # noqa: E402
 
 # Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
