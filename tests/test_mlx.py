@@ -362,4 +362,18 @@ def test_bad_lora_folders_are_refused_with_the_reason(fresh, tmp_path):
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
     with pytest.raises(ValueError, match="neither a peft LoRA adapter nor an mlx-lm one"):
         fresh.add_new_lora(str(tmp_path), "prefix")
+    import mlx.core as mx
+
+    lora = {"rank": 8, "scale": 1.0, "dropout": 0.0}
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"num_layers": 1, "lora_parameters": lora}))
+    module = "model.layers.0.self_attn.q_proj"  # 576 -> 576
+    for a_in, target, match in (
+        (100, module, "maps 576 -> 576, the adapter 100 -> 576"),
+        (576, "model.nope", "no module"),
+    ):
+        weights = {f"{target}.lora_a": mx.zeros((a_in, 8)), f"{target}.lora_b": mx.zeros((8, 576))}
+        mx.save_safetensors(str(tmp_path / "adapters.safetensors"), weights)
+        with pytest.raises(ValueError, match=match):
+            fresh.add_new_lora(str(tmp_path), "wrong")
     assert fresh.loras == {}
+    assert_matches_uncached(fresh, [[1, 2, 3]], [fresh.next_token_logprobs_sync([1, 2, 3])])

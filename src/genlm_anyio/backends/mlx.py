@@ -70,7 +70,7 @@ class _RowCache:
         self.past = past
         self.offset = offset
         self.mask = mask
-        self.new: tuple[Any, Any] | None = None
+        self.new: tuple[Any, ...] = ()  # (keys, values) once the layer has run
 
     def update_and_fetch(self, keys: Any, values: Any) -> tuple[Any, Any]:
         mx = _mlx()
@@ -249,7 +249,7 @@ class AsyncMlxLM(PrefixCachedLM):
         # One token through the model tells the cache's layout and the vocabulary's size.
         probe = [_RowCache(None, 0, None) for _ in make_prompt_cache(mlx_lm_model)]
         logits = mlx_lm_model(mx.array([[0]], mx.int32), cache=probe)
-        keys = probe[0].new[0]  # type: ignore[index]
+        keys = probe[0].new[0]
         mx.eval(logits, keys)
         dtype = _TORCH_DTYPES.get(str(keys.dtype).removeprefix("mlx.core."))
         if dtype is None:
@@ -295,16 +295,19 @@ class AsyncMlxLM(PrefixCachedLM):
         updates = _read_adapter(Path(adapter.path))
         modules = dict(self.mlx_lm_model.named_modules())
         for name, (a, b, _) in updates.items():
-            module = self._lora_modules.get(name) or modules.get(name)
+            module = self._lora_modules[name] if name in self._lora_modules else modules.get(name)
             if module is None:
                 raise ValueError(f"lora_path {adapter.path!r}: the model has no module {name!r}")
-            weight = getattr(getattr(module, "base", module), "weight", None)
+            linear = getattr(module, "base", module)
+            weight = getattr(linear, "weight", None)
             if weight is None or weight.ndim != 2:
                 raise ValueError(f"lora_path {adapter.path!r}: module {name!r} is not a linear layer")
-            if name not in self._lora_modules and (a.shape[0], b.shape[1]) != (weight.shape[1], weight.shape[0]):
+            # A quantized layer packs 32 // bits weights into each uint32.
+            dims = (weight.shape[1] * 32 // getattr(linear, "bits", 32), weight.shape[0])
+            if (a.shape[0], b.shape[1]) != dims or a.shape[1] != b.shape[0]:
                 raise ValueError(
-                    f"lora_path {adapter.path!r}: {name!r} maps {weight.shape[1]} -> {weight.shape[0]}, "
-                    f"the adapter {a.shape[0]} -> {b.shape[1]}"
+                    f"lora_path {adapter.path!r}: {name!r} maps {dims[0]} -> {dims[1]}, "
+                    f"the adapter {a.shape[0]} -> {b.shape[1]} (rank {a.shape[1]}/{b.shape[0]})"
                 )
         with self._lock:
             if replaced is not None:
