@@ -91,6 +91,8 @@ def test_outputs_are_normalized_float32_over_the_model_vocabulary(fresh):
     assert out.dtype == torch.float32 and out.shape == (fresh.vocab_size,) == (49152,)
     assert torch.logsumexp(out, 0).item() == pytest.approx(0.0, abs=1e-4)
     assert len(fresh.byte_vocab) == len(fresh.str_vocab) == fresh.vocab_size
+    # The output head runs apart from the model, on each row's last position only.
+    assert fresh._head is not None
 
 
 def test_lone_and_batched_requests_agree_with_transformers(fresh, hf_logprobs):

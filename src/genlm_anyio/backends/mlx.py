@@ -270,6 +270,7 @@ class AsyncMlxLM(PrefixCachedLM):
         self.prefill_step_size = prefill_step_size
         self._router = _Router()
         self._lora_modules: dict[str, Any] = {}  # module name -> its RoutedLoRALinear
+        self._head = self._find_head()
 
     @classmethod
     def from_name(cls, model_name: str, **kwargs: Any) -> AsyncMlxLM:
@@ -353,12 +354,41 @@ class AsyncMlxLM(PrefixCachedLM):
         }
 
     # -- forward passes ---------------------------------------------------------------
-    def _run_model(self, tokens: Any, caches: list[Any] | None, adapters: Sequence[Adapter | None]) -> Any:
+    def _run_model(
+        self, tokens: Any, caches: list[Any] | None, last: list[int], adapters: Sequence[Adapter | None]
+    ) -> Any:
+        """Logits ``(batch, vocab)`` of position ``last[b]`` of each row, each row under its adapter."""
+        mx = _mlx()
         self._route(adapters)
         try:
-            return self.mlx_lm_model(tokens, cache=caches)
+            rows = mx.arange(len(last)), mx.array(last)
+            if self._head is None:
+                return self.mlx_lm_model(tokens, cache=caches)[rows]
+            hidden = self.mlx_lm_model.model(tokens, cache=caches)
+            return self._head(hidden[rows][:, None])[:, 0]
         finally:
             self._router.rows = {}
+
+    def _find_head(self) -> Any:
+        """The output head, run apart from the model on each row's last position, so that
+        no logits are made for the other positions: ``model.lm_head``, or the tied
+        embedding, where the model's own output equals it (not where the model
+        scales or caps its logits); None otherwise."""
+        mx = _mlx()
+        model = self.mlx_lm_model
+        inner = getattr(model, "model", None)
+        head = getattr(model, "lm_head", None)
+        if head is None:
+            head = getattr(getattr(inner, "embed_tokens", None), "as_linear", None)
+        if inner is None or head is None:
+            return None
+        tokens = mx.array([[1, 2, 3]], mx.int32)
+        try:
+            apart = head(inner(tokens))
+        except (TypeError, ValueError):  # another structure
+            return None
+        whole = model(tokens)
+        return head if apart.shape == whole.shape and mx.allclose(apart, whole, rtol=1e-5, atol=1e-5).item() else None
 
     def _forward_pass(self, jobs: list[Job], past: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mx = _mlx()
@@ -385,8 +415,9 @@ class AsyncMlxLM(PrefixCachedLM):
             caches = [_RowCache((keys[i], values[i]), offset, mask) for i in range(layers)]
         else:
             caches = [_RowCache(None, offset, mask) for _ in range(layers)]
-        logits = self._run_model(mx.array(tokens), caches, [job.query.adapter for job in jobs])
-        last = logits[mx.arange(batch), mx.array([len(n) - 1 for n in news])].astype(mx.float32)
+        last = self._run_model(
+            mx.array(tokens), caches, [len(n) - 1 for n in news], [job.query.adapter for job in jobs]
+        ).astype(mx.float32)
         # (batch, heads, width, dim) per layer -> (batch * width, layers, heads, dim), padding left out.
         rows = mx.array([b * width + j for b, new in enumerate(news) for j in range(len(new))])
         new_kv = []
@@ -406,9 +437,10 @@ class AsyncMlxLM(PrefixCachedLM):
         with self._lock:
             if not self._registered(query.adapter):
                 self._result(RequestFailed.adapter_removed(query.adapter))  # type: ignore[arg-type]
-            logits = self._run_model(mx.array([query.ids], mx.int32), None, [query.adapter])[0, -1]
+            # The head sees the last position only, as in the cached path.
+            logits = self._run_model(mx.array([query.ids], mx.int32), None, [len(query.ids) - 1], [query.adapter])
             mx.eval(logits)
-        return _log_softmax(logits)
+        return _log_softmax(logits[0])
 
     def clear_cache(self) -> None:
         """Drop the KV cache, the output cache and mlx's buffer cache."""
