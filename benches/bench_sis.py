@@ -4,7 +4,10 @@ N particles each extend the same prompt by T tokens (EOS masked out, so every
 particle runs all T steps), each step one ``await next_token_logprobs`` per
 particle. SmolLM2-135M-Instruct, fp32, CPU, both libraries in this process.
 
-    python benches/bench_sis.py [--sizes 10x10,32x32,64x64] [--anchor-max 64x64]
+    python benches/bench_sis.py [--sizes 10x10,32x32,64x64] [--anchor-max 64x64] [--mlx 32x32]
+
+``--mlx`` also runs the given sizes on genlm-anyio's MLX backend (mlx-lm on
+mlx's CPU device), beside its transformers backend.
 """
 
 from __future__ import annotations
@@ -44,8 +47,12 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="10x10,32x32,64x64")
     parser.add_argument("--anchor-max", default="64x64", help="largest size also run on genlm-backend (it is slow)")
+    parser.add_argument(
+        "--mlx", default="", help="sizes also run on the MLX backend (needs mlx and mlx-lm), e.g. 32x32"
+    )
     args = parser.parse_args()
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    mlx_sizes = [tuple(int(x) for x in s.split("x")) for s in args.mlx.split(",") if s]
     anchor_max = tuple(int(x) for x in args.anchor_max.split("x"))
 
     from genlm.backend.llm import AsyncTransformer as AnchorTransformer
@@ -71,6 +78,26 @@ def main() -> None:
         print(f"    N={n} x {steps}: {n * steps / mine:.0f} tokens/s; {ours.stats}", flush=True)
     table.print()
     print(f"\n(genlm-backend runs once per size up to N x T = {args.anchor_max}; best of one)")
+    if mlx_sizes:
+        compare_mlx(ours, str(path), prompt, eos, mlx_sizes)
+
+
+def compare_mlx(transformers_lm, path: str, prompt: list[int], eos: int, sizes: list[tuple[int, ...]]) -> None:
+    """The same SIS on the MLX backend, beside the transformers backend (both genlm-anyio)."""
+    from genlm_anyio import AsyncMlxLM
+
+    mlx_lm = AsyncMlxLM.from_name(path)
+    table = Table(
+        "The same SIS on genlm-anyio's MLX backend (first column) and its transformers backend", "transformers"
+    )
+    timed(mlx_lm, prompt, 4, 4, eos)  # warm-up
+    for n, steps in sizes:
+        theirs = timed(transformers_lm, prompt, n, steps, eos)
+        mine = timed(mlx_lm, prompt, n, steps, eos)
+        table.add(f"N={n} x {steps}", mine, theirs)
+        print(f"    MLX N={n} x {steps}: {n * steps / mine:.0f} tokens/s; {mlx_lm.stats}", flush=True)
+    table.print()
+    mlx_lm.close()
 
 
 if __name__ == "__main__":

@@ -46,8 +46,8 @@ LEFT_OUT = {
     # SGLang's engine internals.
     "genlm.backend.llm.sgl:AsyncSGLTransformer.reset_async_queries",
 }
-# genlm-anyio has these engines' class names, not their methods yet (docs/compat.md).
-NOT_YET_METHODS = {"genlm.backend.llm.mlx", "genlm.backend.llm.sgl"}
+# genlm-anyio has this engine's class name, not its methods yet (docs/compat.md).
+NOT_YET_METHODS = {"genlm.backend.llm.sgl"}
 
 
 def _reference_sources() -> dict[str, str]:

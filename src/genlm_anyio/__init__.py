@@ -14,6 +14,7 @@ from ._lazy import lazy_exports
 
 if TYPE_CHECKING:
     from .backends import AsyncLM as AsyncLM
+    from .backends import AsyncMlxLM as AsyncMlxLM
     from .backends import AsyncTransformer as AsyncTransformer
     from .backends import AsyncVirtualLM as AsyncVirtualLM
     from .backends import MockAsyncLM as MockAsyncLM
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 # Public name -> the module that defines it.
 _EXPORTS = {
     "AsyncLM": ".backends",
+    "AsyncMlxLM": ".backends",
     "AsyncTransformer": ".backends",
     "AsyncVirtualLM": ".backends",
     "MockAsyncLM": ".backends",

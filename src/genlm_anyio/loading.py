@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from .backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
-from .backends.unavailable import AsyncMlxLM, AsyncSGLTransformer
+from .backends import AsyncLM, AsyncMlxLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
+from .backends.unavailable import AsyncSGLTransformer
 
 BACKENDS = ("hf", "vllm", "mock", "mlx", "sgl")
 
@@ -23,9 +23,9 @@ def default_backend() -> str:
 def load_model_by_name(name: str, backend: str | None = None, llm_opts: dict[str, Any] | None = None) -> AsyncLM:
     """Load ``name`` (a hub id, a local model folder, or a ``.gguf`` file) as an :class:`AsyncLM`.
 
-    ``backend`` is ``"hf"`` (transformers), ``"vllm"`` or ``"mock"``; by default
-    vLLM when CUDA and vLLM are available, else transformers. ``"mlx"`` and
-    ``"sgl"`` (genlm-backend's other two) raise NotImplementedError for now; any
+    ``backend`` is ``"hf"`` (transformers), ``"vllm"``, ``"mlx"`` (mlx-lm) or
+    ``"mock"``; by default vLLM when CUDA and vLLM are available, else
+    transformers. ``"sgl"`` (SGLang) raises NotImplementedError for now; any
     other name raises ValueError. ``llm_opts`` go to the backend's ``from_name``.
     """
     if not isinstance(name, str) or not name:

@@ -2,7 +2,8 @@
 
 from .base import AsyncLM
 from .hf import AsyncTransformer
+from .mlx import AsyncMlxLM
 from .mock import MockAsyncLM
 from .vllm import AsyncVirtualLM
 
-__all__ = ["AsyncLM", "AsyncTransformer", "AsyncVirtualLM", "MockAsyncLM"]
+__all__ = ["AsyncLM", "AsyncMlxLM", "AsyncTransformer", "AsyncVirtualLM", "MockAsyncLM"]

@@ -5,45 +5,18 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import threading
-from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..kv_cache import PrefixKVCache
-from .base import Adapter, AsyncLM, Query, RequestFailed, TokenIds
+from .base import Adapter, RequestFailed
+from .prefix import Job, PrefixCachedLM
 
 # peft's name for "no adapter" in a mixed-adapter batch.
 _BASE = "__base__"
-
-
-@dataclass
-class ComputeStats:
-    """What the model computed, for tests and tuning."""
-
-    forward_passes: int = 0
-    tokens_computed: int = 0
-    """Token positions run through the model (padding excluded)."""
-    logprob_cache_hits: int = 0
-    """Requests answered from the output cache without a forward pass."""
-
-
-@dataclass
-class _Job:
-    """One sequence of a forward pass: cached prefix ``node`` (of length ``start``) and the tokens after it.
-
-    ``path`` is the sequence as the KV trie knows it (see :meth:`AsyncTransformer._path`).
-    """
-
-    query: Query
-    path: TokenIds
-    node: Any
-    start: int
 
 
 def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,7 +52,7 @@ def _last_rows_hook(module: Any, args: tuple, kwargs: dict, last: torch.Tensor) 
     return (rows.unsqueeze(1), *args[1:]), kwargs
 
 
-class AsyncTransformer(AsyncLM):
+class AsyncTransformer(PrefixCachedLM):
     """A transformers causal LM with autobatching and a shared prefix KV cache.
 
     Extending a cached sequence by one token computes one token; identical
@@ -120,32 +93,29 @@ class AsyncTransformer(AsyncLM):
             raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise ValueError(f"timeout must be a number >= 0, not {timeout!r}")
-        if logprob_cache_size < 0:
-            raise ValueError(f"logprob_cache_size must be >= 0, not {logprob_cache_size}")
-        if logprob_cache_bytes < 0:
-            raise ValueError(f"logprob_cache_bytes must be >= 0, not {logprob_cache_bytes}")
         self.model = hf_model.eval()
         config = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
         vocab_size = hf_model.get_output_embeddings().weight.shape[0]
-        super().__init__(hf_tokenizer, vocab_size, max_batch_size=batch_size, max_batch_tokens=max_batch_tokens)
-        self.timeout = float(timeout)
         self.device = next(hf_model.parameters()).device
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.kv_cache = PrefixKVCache(
-            (config.num_hidden_layers, heads, head_dim), next(hf_model.parameters()).dtype, self.device, kv_cache_bytes
+        super().__init__(
+            hf_tokenizer,
+            vocab_size,
+            (config.num_hidden_layers, heads, head_dim),
+            next(hf_model.parameters()).dtype,
+            self.device,
+            max_batch_size=batch_size,
+            kv_cache_bytes=kv_cache_bytes,
+            logprob_cache_size=logprob_cache_size,
+            logprob_cache_bytes=logprob_cache_bytes,
+            max_batch_tokens=max_batch_tokens,
         )
-        self._max_forward_tokens = max_batch_tokens
-        self._outputs: OrderedDict[Query, torch.Tensor] = OrderedDict()
-        self._outputs_size = logprob_cache_size
-        self._outputs_budget = logprob_cache_bytes
-        self._outputs_bytes = 0
-        self._lock = threading.Lock()  # the model, the caches: one user at a time
+        self.timeout = float(timeout)
         # transformers 5.2x renamed `past_key_values` to `cache`.
         self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
         self._lora_layers: list[Any] = []
         self._find_lora_layers()
-        self.stats = ComputeStats()
 
     @classmethod
     def from_name(
@@ -191,45 +161,6 @@ class AsyncTransformer(AsyncLM):
             raise ValueError(f"batch_size must be an int >= 1, not {value!r}")
         self._batcher.max_batch_size = value
 
-    # -- the output cache ---------------------------------------------------------
-    @property
-    def output_cache_bytes(self) -> int:
-        """Bytes the output cache holds now (each entry a compact float32 row)."""
-        return self._outputs_bytes
-
-    def _remember(self, query: Query, logprobs: torch.Tensor) -> torch.Tensor:
-        """Cache a copy of ``logprobs`` (a row of its batch's tensor), and return
-        it: a compact copy, so that the cache never keeps a whole batch alive."""
-        if not self._outputs_size or not self._outputs_budget:
-            return logprobs
-        row = logprobs.clone()
-        if query in self._outputs:
-            self._outputs_bytes -= self._outputs.pop(query).nbytes
-        self._outputs[query] = row
-        self._outputs_bytes += row.nbytes
-        while len(self._outputs) > self._outputs_size or self._outputs_bytes > self._outputs_budget:
-            self._outputs_bytes -= self._outputs.popitem(last=False)[1].nbytes
-        return row
-
-    def _forget_outputs(self, adapter: Adapter) -> None:
-        for query in [q for q in self._outputs if q.adapter is adapter]:
-            self._outputs_bytes -= self._outputs.pop(query).nbytes
-
-    def clear_cache(self) -> None:
-        """Drop the KV cache and the output cache."""
-        with self._lock:
-            self.kv_cache.clear()
-            self._outputs.clear()
-            self._outputs_bytes = 0
-
-    def clear_kv_cache(self) -> None:
-        """Drop the KV cache only (cached results stay)."""
-        with self._lock:
-            self.kv_cache.clear()
-
-    def _release(self) -> None:
-        self.clear_cache()
-
     # -- LoRA adapters ------------------------------------------------------------
     def _find_lora_layers(self) -> None:
         """The modules that route rows by adapter name (none until peft adapters are loaded)."""
@@ -264,18 +195,8 @@ class AsyncTransformer(AsyncLM):
         """(lock held) Delete the adapter's weights and its cached results, KV included
         (its subtree: first tokens shifted by its serial, see :meth:`_path`)."""
         self.model.delete_adapter(adapter.name)
-        self._forget_outputs(adapter)
-        shift = adapter.serial * self.vocab_size
-        self.kv_cache.forget(range(shift, shift + self.vocab_size))
+        self._forget(adapter)
         self._find_lora_layers()
-
-    def _path(self, query: Query) -> TokenIds:
-        """The sequence as the KV trie stores it: under an adapter, the first token
-        is shifted out of the vocabulary's range by a multiple of its serial, so that
-        each adapter registration has its own subtree (its own root)."""
-        if query.adapter is None:
-            return query.ids
-        return (query.ids[0] + query.adapter.serial * self.vocab_size, *query.ids[1:])
 
     @contextlib.contextmanager
     def _hooks(self, adapters: Sequence[Adapter | None], last: torch.Tensor) -> Iterator[None]:
@@ -294,148 +215,56 @@ class AsyncTransformer(AsyncLM):
             for handle in handles:
                 handle.remove()
 
-    # -- batches --------------------------------------------------------------------
-    def _batch_logprobs(self, batch: list[Query]) -> list[torch.Tensor | RequestFailed]:
-        with self._lock, torch.inference_mode():
-            results: dict[Query, torch.Tensor | RequestFailed] = {}
-            todo = []
-            for query in batch:
-                if not self._registered(query.adapter):
-                    results[query] = RequestFailed.adapter_removed(query.adapter)  # type: ignore[arg-type]
-                    continue
-                hit = self._outputs.get(query)
-                if hit is not None:
-                    self._outputs.move_to_end(query)
-                    self.stats.logprob_cache_hits += 1
-                    results[query] = hit
-                else:
-                    todo.append(query)
-            for query in self._shared_prefixes(todo):
-                # Prefixes that several requests extend are computed first, once.
-                results.update(self._run([query]))
-            results.update(self._run([query for query in todo if query not in results]))
-            return [results[query] for query in batch]
-
-    def _shared_prefixes(self, todo: list[Query]) -> list[Query]:
-        """The longest uncached prefixes that two or more requests (under one adapter) share."""
-        if len(todo) < 2:
-            return []
-        paths = {self._path(q): q for q in todo}
-        starts = {path: self.kv_cache.match(path, len(path) - 1)[1] for path in paths}
-        ordered = sorted(paths)
-        shared: dict[TokenIds, Query] = {}
-        for a, b in zip(ordered, ordered[1:]):
-            common = 0
-            for x, y in zip(a, b):
-                if x != y:
-                    break
-                common += 1
-            if common > max(starts[a], starts[b]):
-                # Equal first path tokens mean one adapter: a's ids and adapter name the prefix.
-                shared[a[:common]] = Query(paths[a].ids[:common], paths[a].adapter)
-        # Keep only the deepest of nested shared prefixes' chains: each is computed
-        # once and the shorter ones come with it.
-        return [q for p, q in sorted(shared.items()) if not any(o != p and o[: len(p)] == p for o in shared)]
-
-    def _run(self, queries: list[Query]) -> dict[Query, torch.Tensor]:
-        """Forward passes for ``queries`` (split by ``max_batch_tokens``), storing their KV."""
-        out: dict[Query, torch.Tensor] = {}
-        jobs = []
-        for query in queries:
-            path = self._path(query)
-            # The last token is always run: its logits are the answer.
-            node, start = self.kv_cache.match(path, len(path) - 1)
-            self.kv_cache.stats.prefix_tokens_reused += start
-            jobs.append(_Job(query, path, node, start))
-        chunk: list[_Job] = []
-        tokens = 0
-        for job in jobs:
-            new = len(job.path) - job.start
-            if chunk and tokens + new > self._max_forward_tokens:
-                out.update(self._forward(chunk))
-                chunk, tokens = [], 0
-            chunk.append(job)
-            tokens += new
-        if chunk:
-            out.update(self._forward(chunk))
-        return out
-
-    def _forward(self, jobs: list[_Job]) -> dict[Query, torch.Tensor]:
+    # -- forward passes ---------------------------------------------------------------
+    def _forward_pass(self, jobs: list[Job], past: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from transformers import DynamicCache
 
-        cache = self.kv_cache
-        for job in jobs:
-            cache.pin(job.node, +1)
-        try:
-            past = [cache.slots(job.node) for job in jobs]
-            news = [job.query.ids[job.start :] for job in jobs]
-            width = max(len(n) for n in news)
-            batch = len(jobs)
-            past_len = max(len(p) for p in past)
-
-            input_ids = torch.zeros((batch, width), dtype=torch.long)
-            position_ids = torch.zeros((batch, width), dtype=torch.long)
-            mask = torch.zeros((batch, past_len + width), dtype=torch.long)
-            for b, (p, n) in enumerate(zip(past, news)):
-                input_ids[b, : len(n)] = torch.tensor(n)
-                position_ids[b, : len(n)] = torch.arange(len(p), len(p) + len(n))
-                mask[b, : len(p)] = 1
-                mask[b, past_len : past_len + len(n)] = 1
-            kv = DynamicCache()
-            if past_len:
-                keys, values = cache.gather(past)
-                _seed(kv, keys, values)
-            last = torch.tensor([len(n) - 1 for n in news])
-            with self._hooks([job.query.adapter for job in jobs], last):
-                outputs = self.model(
-                    input_ids=input_ids.to(self.device),
-                    attention_mask=mask.to(self.device),
-                    position_ids=position_ids.to(self.device),
-                    use_cache=True,
-                    **{self._cache_arg: kv},
-                )
-            self.stats.forward_passes += 1
-            self.stats.tokens_computed += sum(len(n) for n in news)
-            logits = outputs.logits
-            del outputs
-            if logits.shape[1] != 1:  # the model bypassed its output-embedding module (and the hook)
-                logits = logits[torch.arange(batch), last.to(logits.device)].unsqueeze(1)
-            logprobs = torch.log_softmax(logits[:, 0].float(), dim=-1).cpu()
-            del logits
-            self._store(jobs, past_len, kv)
-        finally:
-            for job in jobs:
-                cache.pin(job.node, -1)
-        return {job.query: self._remember(job.query, lp) for job, lp in zip(jobs, logprobs)}
-
-    def _store(self, jobs: list[_Job], past_len: int, kv: Any) -> None:
-        """Keep the keys and values of the tokens no cached node holds yet."""
-        cache = self.kv_cache
-        news = [job.path[job.start :] for job in jobs]
+        news = [job.new for job in jobs]
         width = max(len(n) for n in news)
-        rows = [b * width + j for b, new in enumerate(news) for j in range(len(new))]
-        index = torch.tensor(rows, device=self.device)
-        # Per layer (batch, heads, width, dim) -> (batch * width, layers, heads, dim), rows kept.
-        flat = (-1, cache.heads, cache.head_dim)
-        keys = torch.stack(
-            [
-                _layer_kv(kv, layer)[0][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index)
-                for layer in range(cache.layers)
-            ],
-            dim=1,
+        batch = len(jobs)
+        past_len = max(len(p) for p in past)
+
+        input_ids = torch.zeros((batch, width), dtype=torch.long)
+        position_ids = torch.zeros((batch, width), dtype=torch.long)
+        mask = torch.zeros((batch, past_len + width), dtype=torch.long)
+        for b, (p, n) in enumerate(zip(past, news)):
+            input_ids[b, : len(n)] = torch.tensor(n)
+            position_ids[b, : len(n)] = torch.arange(len(p), len(p) + len(n))
+            mask[b, : len(p)] = 1
+            mask[b, past_len : past_len + len(n)] = 1
+        kv = DynamicCache()
+        if past_len:
+            keys, values = self.kv_cache.gather(past)
+            _seed(kv, keys, values)
+        last = torch.tensor([len(n) - 1 for n in news])
+        with self._hooks([job.query.adapter for job in jobs], last):
+            outputs = self.model(
+                input_ids=input_ids.to(self.device),
+                attention_mask=mask.to(self.device),
+                position_ids=position_ids.to(self.device),
+                use_cache=True,
+                **{self._cache_arg: kv},
+            )
+        logits = outputs.logits
+        del outputs
+        if logits.shape[1] != 1:  # the model bypassed its output-embedding module (and the hook)
+            logits = logits[torch.arange(batch), last.to(logits.device)].unsqueeze(1)
+        logprobs = torch.log_softmax(logits[:, 0].float(), dim=-1).cpu()
+        del logits
+        # Per layer (batch, heads, width, dim) -> (batch * width, layers, heads, dim), padding left out.
+        index = torch.tensor([b * width + j for b, new in enumerate(news) for j in range(len(new))], device=self.device)
+        flat = (-1, self.kv_cache.heads, self.kv_cache.head_dim)
+        keys, values = (
+            torch.stack(
+                [
+                    _layer_kv(kv, layer)[part][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index)
+                    for layer in range(self.kv_cache.layers)
+                ],
+                dim=1,
+            )
+            for part in (0, 1)
         )
-        values = torch.stack(
-            [
-                _layer_kv(kv, layer)[1][:, :, past_len:].transpose(1, 2).reshape(flat).index_select(0, index)
-                for layer in range(cache.layers)
-            ],
-            dim=1,
-        )
-        try:
-            # A token stored meanwhile (a fully cached request's last one) keeps its slot.
-            cache.store([(job.node, list(new)) for job, new in zip(jobs, news)], keys, values)
-        except MemoryError:
-            pass  # the budget cannot hold this batch's tokens: computed, not kept
+        return logprobs, keys, values
 
     # -- uncached ---------------------------------------------------------------------
     def next_token_logprobs_uncached(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
@@ -451,8 +280,3 @@ class AsyncTransformer(AsyncLM):
             with self._hooks([query.adapter], torch.tensor([len(query.ids) - 1])):
                 logits = self.model(torch.tensor([query.ids], device=self.device), use_cache=False).logits[0, -1]
         return torch.log_softmax(logits.float(), dim=-1).cpu()
-
-    def cache_kv(self, prompt_tokens: Sequence[int], lora_name: str | None = None) -> None:
-        """Compute and cache the keys and values of ``prompt_tokens`` (and its
-        next-token distribution), under adapter ``lora_name``."""
-        self.next_token_logprobs_sync(prompt_tokens, lora_name=lora_name)

@@ -1,6 +1,6 @@
-"""genlm-backend's MLX and SGLang model classes, which genlm-anyio does not have yet.
+"""genlm-backend's SGLang model class, which genlm-anyio does not have yet.
 
-The names exist so that code importing them (as genlm-control does, lazily) keeps
+The name exists so that code importing it (as genlm-control does, lazily) keeps
 importing; making a model raises NotImplementedError that says so, as
 genlm-backend's own stand-ins do where their engine is not installed.
 """
@@ -25,14 +25,8 @@ class _NotYet:
     def _refuse(cls) -> NoReturn:
         raise NotImplementedError(
             f"{cls.__name__} ({cls.engine}) is not available in genlm-anyio yet; "
-            "use AsyncTransformer (backend='hf') or AsyncVirtualLM (backend='vllm')"
+            "use AsyncTransformer (backend='hf'), AsyncVirtualLM (backend='vllm') or AsyncMlxLM (backend='mlx')"
         )
-
-
-class AsyncMlxLM(_NotYet):
-    """genlm-backend's MLX model: not in genlm-anyio yet."""
-
-    engine = "Apple MLX"
 
 
 class AsyncSGLTransformer(_NotYet):

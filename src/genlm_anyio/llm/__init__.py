@@ -4,8 +4,8 @@ The implementations are in :mod:`genlm_anyio.backends`; this path exists so that
 code written for ``genlm.backend.llm`` ports by changing the import.
 """
 
-from ..backends import AsyncLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
-from ..backends.unavailable import AsyncMlxLM, AsyncSGLTransformer
+from ..backends import AsyncLM, AsyncMlxLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
+from ..backends.unavailable import AsyncSGLTransformer
 from ..loading import load_model_by_name
 
 __all__ = [
