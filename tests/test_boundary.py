@@ -205,3 +205,27 @@ def test_async_trie_refuses_a_bad_request_even_batched_with_good_ones(trie):
     for i in range(3):
         np.testing.assert_array_equal(outcomes[i], trie.weight_sum(good[i]))
     np.testing.assert_allclose(outcomes[4], trie.weight_sum(good[0]), rtol=1e-6)
+
+
+def test_a_large_batch_result_reuses_memory_only_once_nothing_holds_it():
+    vocab = [Token(i, bytes([i % 251, i // 251])) for i in range(6000)]
+    big = TokenCharacterTrie(vocab)
+    ws = np.random.default_rng(7).random((400, len(vocab)))  # (400, num_nodes) float64: >= 16 MB
+    first = big.batch_weight_sum(ws)
+    assert first.nbytes >= 16 << 20
+    address = first.__array_interface__["data"][0]
+    row = first[5]
+    kept = row.copy()
+    second = big.batch_weight_max(ws)  # ``row`` still holds the first block
+    assert not np.shares_memory(second, row)
+    np.testing.assert_array_equal(row, kept)
+    addresses = {address, second.__array_interface__["data"][0]}
+    del first, row, second
+    third = big.batch_weight_sum(ws)
+    assert third.__array_interface__["data"][0] in addresses  # a freed block came back
+    np.testing.assert_array_equal(third[5], kept)
+    view = torch.from_numpy(third)  # any other holder keeps the block out of the pool
+    del third
+    fourth = big.batch_weight_sum(ws * 2)
+    assert fourth.__array_interface__["data"][0] != view.data_ptr()
+    np.testing.assert_array_equal(view[5].numpy(), kept)

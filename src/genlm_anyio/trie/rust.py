@@ -7,6 +7,7 @@ batch rows, the GIL released while it computes).
 from __future__ import annotations
 
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
@@ -17,6 +18,10 @@ from .. import _core
 from ..arrays import float_array
 
 __all__ = ["TokenCharacterTrie"]
+
+# Batch outputs this large come from a _Blocks pool (a fresh one costs more in
+# first-touch page faults than the reduction).
+_POOL_MIN_BYTES = 16 << 20
 
 
 class TokenCharacterTrie:
@@ -92,6 +97,7 @@ class TokenCharacterTrie:
         self._core.sorted_tokens(self._sorted_tokens)
         self._token_leaves = np.empty(self.vocab_size, dtype=np.int64)
         self._core.token_leaves(self._token_leaves)
+        self._blocks = _Blocks()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, num_nodes={self.num_nodes})"
@@ -217,15 +223,21 @@ class TokenCharacterTrie:
     def batch_weight_sum(self, ws: Any, *, out: Any = None) -> np.ndarray:
         """:meth:`weight_sum` of each row of ``ws`` (shape ``(B, V)``): ``(B, num_nodes)``
         (into ``out`` if given)."""
-        return self._core.reduce("sum", float_array(ws), True, out)
+        return self._batch("sum", ws, out)
 
     def batch_weight_max(self, ws: Any, *, out: Any = None) -> np.ndarray:
         """:meth:`weight_max` of each row of ``ws`` (shape ``(B, V)``) (into ``out`` if given)."""
-        return self._core.reduce("max", float_array(ws), True, out)
+        return self._batch("max", ws, out)
 
     def batch_weight_logsumexp(self, logws: Any, *, out: Any = None) -> np.ndarray:
         """:meth:`weight_logsumexp` of each row of ``logws`` (shape ``(B, V)``) (into ``out`` if given)."""
-        return self._core.reduce("logsumexp", float_array(logws), True, out)
+        return self._batch("logsumexp", logws, out)
+
+    def _batch(self, kind: str, ws: Any, out: Any) -> np.ndarray:
+        arr = float_array(ws)
+        if out is None and arr.ndim == 2 and arr.shape[1] == self.vocab_size:
+            out = self._blocks.array((arr.shape[0], self.num_nodes))
+        return self._core.reduce(kind, arr, True, out)
 
     # -- navigation ---------------------------------------------------------------
     def _node(self, node: Any) -> int:
@@ -300,6 +312,46 @@ class TokenCharacterTrie:
             raise TypeError(f"state must be an int, not {type(state).__name__}")
         live_arr = np.ascontiguousarray(live)
         return self._mask(self._core.dfa_mask, np.ascontiguousarray(table), int(state), live_arr)
+
+
+class _Blocks:
+    """Memory for large results, reused only once no array over it is left.
+
+    An array made by ``np.frombuffer(block)`` reaches ``block`` through a
+    memoryview that numpy makes (its ``base``), and so does every view or slice
+    of it: numpy keeps the owner of an array's memory alive through ``base``.
+    When that memoryview is freed no array over the block remains, and a
+    ``weakref.finalize`` puts the block back. Each list operation here is one
+    atomic step, so threads (and callbacks run inside them) never share a block.
+    """
+
+    _KEEP = 2  # free blocks kept
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+
+    def array(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """A float64 array of ``shape`` over a free or new block; None (allocate
+        normally) below the pooling size."""
+        nbytes = shape[0] * shape[1] * 8
+        if nbytes < _POOL_MIN_BYTES:
+            return None
+        try:
+            block = self._free.pop()
+        except IndexError:
+            block = None
+        if block is None or len(block) != nbytes:
+            block = bytearray(nbytes)
+        arr = np.frombuffer(block, dtype=np.float64)
+        owner = arr.base
+        if not isinstance(owner, memoryview) or owner.obj is not block:
+            return None  # not numpy's usual layout: no reuse
+        weakref.finalize(owner, self._give_back, block).atexit = False
+        return arr.reshape(shape)
+
+    def _give_back(self, block: bytearray) -> None:
+        self._free.append(block)
+        del self._free[: -self._KEEP]
 
 
 def _as_bytes(data: Any, name: str) -> bytes:
