@@ -204,8 +204,10 @@ class TokenCharacterTrie:
     # -- mass propagation ---------------------------------------------------------
     # ``ws`` may be anything float_array takes; ``out``, if given, must be a
     # writable, C-contiguous float64 array (or other buffer) of the result's shape,
-    # sharing no memory with ``ws``. It is filled and returned; by default each
-    # call returns a new array. The core checks both, naming them.
+    # sharing no memory with ``ws``. It is filled and returned. By default each
+    # call returns a new array that shares memory with no live result (a large
+    # batch result may reuse a freed one's, see _Blocks). The core checks both
+    # arguments, naming them.
     def weight_sum(self, ws: Any, *, out: Any = None) -> np.ndarray:
         """Per node, the sum of ``ws`` (shape ``(V,)``) over the tokens under it:
         float64 ``(num_nodes,)``, written to ``out`` if given."""
