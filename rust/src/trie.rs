@@ -631,9 +631,9 @@ impl Trie {
     /// Mask of the entries whose bytes a byte-level DFA follows from `state`
     /// through live states only (`transitions`: row-major `(n_states, 256)`, -1 =
     /// no edge). A non-byte symbol has no edge.
-    pub fn dfa_mask(
+    pub fn dfa_mask<S: Copy + Into<i64>>(
         &self,
-        transitions: &[i32],
+        transitions: &[S],
         n_states: usize,
         state: i64,
         live: &[bool],
@@ -648,7 +648,7 @@ impl Trie {
         if live.len() != n_states {
             return Err(TrieError::BadDfa(format!("live has {} entries, expected {n_states}", live.len())));
         }
-        if let Some(bad) = transitions.iter().find(|&&s| s < -1 || s as i64 >= n_states as i64) {
+        if let Some(bad) = transitions.iter().map(|&s| s.into()).find(|&s| s < -1 || s >= n_states as i64) {
             return Err(TrieError::BadDfa(format!("transition target {bad} is outside [-1, {n_states})")));
         }
         if state < 0 || state as u64 >= n_states as u64 {
@@ -668,6 +668,7 @@ impl Trie {
             let row = &transitions[s * 256..(s + 1) * 256];
             for (&sym, &child) in self.child_sym[lo..hi].iter().zip(&self.child_lex[lo..hi]) {
                 let Some(&next) = row.get(sym as usize) else { break };
+                let next: i64 = next.into();
                 if next >= 0 && live[next as usize] {
                     stack.push((child, next as usize));
                 }

@@ -1,16 +1,26 @@
 """Type stubs of the Rust extension ``genlm_anyio._core`` (rust/src/py).
 
 Private: ``genlm_anyio.vocab`` and ``genlm_anyio.trie`` wrap it. Every entry
-point raises ValueError for bad input (a Rust panic included). Arrays travel as
-the integer address of a numpy array's data, which the Python wrappers allocate
-or validate (dtype, C-contiguity, shape, writability) and hold during the call.
+point raises ValueError or TypeError for bad input (a Rust panic included),
+naming the argument. Arrays are objects exporting a buffer (numpy arrays,
+``memoryview``, ``array.array``...), which the core checks (element type,
+C-contiguity, shape; outputs also writable and apart from the inputs) and holds
+for the call.
 """
 
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
-from typing import Any, final
+from typing import Any, TypeAlias, final
 
-__all__ = ["TrieCore", "vocab_from_gguf", "vocab_from_pieces", "vocab_from_tokenizer_json"]
+# An object exporting a buffer (numpy array, memoryview, array.array...). Any,
+# because numpy declares ``__buffer__`` (PEP 688) only from Python 3.12 on.
+_Buffer: TypeAlias = Any
+
+__all__ = ["TrieCore", "copy_into", "vocab_from_gguf", "vocab_from_pieces", "vocab_from_tokenizer_json"]
+
+def copy_into(src: _Buffer, out: _Buffer) -> None:
+    """Copy the float64 array ``src`` into ``out``: float64, writable, C-contiguous,
+    of ``src``'s shape and apart from it."""
 
 def vocab_from_tokenizer_json(text: str, fallback: str) -> tuple[list[bytes], list[str]]:
     """Bytes and string form of every token id of a `tokenizers` JSON; ``fallback``
@@ -54,22 +64,25 @@ class TrieCore:
     def prefix(self, node: int) -> list[int]: ...
     def parent(self, node: int) -> int | None: ...
     def tokens_under_range(self, node: int) -> tuple[int, int]: ...
-    def sorted_tokens(self, out: int) -> None:
-        """Fill the int64 array at address ``out`` (length vocab_size)."""
+    def sorted_tokens(self, out: _Buffer) -> None:
+        """Fill the int64 array ``out`` ``(vocab_size,)``."""
 
-    def token_leaves(self, out: int) -> None:
-        """Fill the int64 array at address ``out`` (length vocab_size)."""
+    def token_leaves(self, out: _Buffer) -> None:
+        """Fill the int64 array ``out`` ``(vocab_size,)``."""
 
-    def node_tokens(self, out: int) -> None:
-        """Fill the int64 array at address ``out`` (length num_nodes)."""
+    def node_tokens(self, out: _Buffer) -> None:
+        """Fill the int64 array ``out`` ``(num_nodes,)``."""
 
-    def parents(self, out: int) -> None:
-        """Fill the int64 array at address ``out`` (length num_nodes)."""
+    def parents(self, out: _Buffer) -> None:
+        """Fill the int64 array ``out`` ``(num_nodes,)``."""
 
-    def reduce(self, kind: str, ws: int, wide: bool, rows: int | None, out: int) -> None:
-        """Per-node ``"sum"``, ``"max"`` or ``"logsumexp"`` of the float32 (float64 if
-        ``wide``) weights at ``ws`` into the float64 array at ``out``."""
+    def reduce(self, kind: str, ws: _Buffer, batch: bool, out: _Buffer | None) -> Any:
+        """Per-node ``"sum"``, ``"max"`` or ``"logsumexp"`` of the float32 or float64
+        weights ``ws`` ``(V,)`` (``(B, V)`` if ``batch``) into the float64 array
+        ``out`` ``(num_nodes,)`` (``(B, num_nodes)``), a new numpy array if None;
+        returns ``out``."""
 
-    def mask_startswith(self, prefix: bytes, out: int) -> None: ...
-    def mask_prefix_of(self, data: bytes, out: int) -> None: ...
-    def dfa_mask(self, transitions: int, n_states: int, state: int, live: int, out: int) -> None: ...
+    def mask_startswith(self, prefix: bytes, out: _Buffer) -> None: ...
+    def mask_prefix_of(self, data: bytes, out: _Buffer) -> None: ...
+    def dfa_mask(self, transitions: _Buffer, state: int, live: _Buffer, out: _Buffer) -> None:
+        """``transitions``: int32 or int64 ``(S, 256)``; ``live``: bool ``(S,)``; ``out``: bool ``(V,)``."""

@@ -1,13 +1,29 @@
 //! Bindings of the token-byte trie. `genlm_anyio.trie` wraps this class with the
-//! public API; arrays are passed by address (see `buffers`).
+//! public API; arrays are Python objects exporting a buffer, checked by `buffers`.
 
 use pyo3::exceptions::PyValueError;
+use pyo3::once_cell::GILOnceCell;
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyLong};
+use pyo3::types::{PyBytes, PyLong, PyTuple};
 use pyo3::PyTypeInfo;
 
-use super::buffers::{slice, slice_mut};
+use super::buffers::{Buffer, BufferMut, Dim, Floats, Ints};
 use crate::trie::{Trie, TrieError, Weight, WordKey};
+
+/// `numpy.empty`, looked up once.
+static NUMPY_EMPTY: GILOnceCell<PyObject> = GILOnceCell::new();
+
+/// A new, uninitialized float64 numpy array of shape `shape`.
+fn new_f64_array(py: Python<'_>, shape: Vec<usize>) -> PyResult<&PyAny> {
+    let empty = match NUMPY_EMPTY.get(py) {
+        Some(empty) => empty,
+        None => {
+            let empty: PyObject = py.import("numpy")?.getattr("empty")?.into();
+            NUMPY_EMPTY.get_or_init(py, || empty)
+        }
+    };
+    empty.as_ref(py).call1((PyTuple::new(py, shape), "float64"))
+}
 
 fn to_py_err(e: TrieError) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -52,22 +68,18 @@ impl PyTrie {
         }
     }
 
-    /// Fill the int64 array at `out` (of length `len`) from `values`.
-    fn fill_i64(&self, out: usize, len: usize, values: impl Iterator<Item = i64>) -> PyResult<()> {
-        let dst = unsafe { slice_mut::<i64>(out, len, "out")? };
-        for (d, v) in dst.iter_mut().zip(values) {
+    /// Fill the int64 array `out` of length `len` from `values`.
+    fn fill_i64(out: &PyAny, len: usize, values: impl Iterator<Item = i64>) -> PyResult<()> {
+        let mut dst = BufferMut::<i64>::new(out, "out", &[Dim::Is(len)], &[])?;
+        for (d, v) in dst.as_mut_slice().iter_mut().zip(values) {
             *d = v;
         }
         Ok(())
     }
 
-    /// The bool mask of length V at `out`. Its lifetime is the call's, not `self`'s.
-    ///
-    /// # Safety
-    /// As for [`slice_mut`]: `out` addresses V writable bytes that nothing else
-    /// borrows while the mask lives.
-    unsafe fn mask_out<'a>(&self, out: usize) -> PyResult<&'a mut [u8]> {
-        slice_mut::<u8>(out, self.inner.vocab_size(), "out")
+    /// `out` as a bool mask of shape (V,), sharing no memory with `inputs`.
+    fn mask_out<'py>(&self, out: &'py PyAny, inputs: &[&dyn super::buffers::Input]) -> PyResult<BufferMut<'py, u8>> {
+        BufferMut::new(out, "out", &[Dim::Is(self.inner.vocab_size())], inputs)
     }
 }
 
@@ -200,99 +212,135 @@ impl PyTrie {
         Ok(self.inner.tokens_under_range(self.check_node(node)?))
     }
 
-    /// Fill the int64 array at `out` (length V) with the entries in trie order.
+    /// Fill the int64 array `out` (V,) with the entries in trie order.
     #[pyo3(text_signature = "($self, out)")]
-    fn sorted_tokens(&self, out: usize) -> PyResult<()> {
-        self.fill_i64(out, self.inner.vocab_size(), self.inner.sorted_tokens().iter().map(|&t| i64::from(t)))
+    fn sorted_tokens(&self, out: &PyAny) -> PyResult<()> {
+        Self::fill_i64(out, self.inner.vocab_size(), self.inner.sorted_tokens().iter().map(|&t| i64::from(t)))
     }
 
-    /// Fill the int64 array at `out` (length V) with each entry's leaf.
+    /// Fill the int64 array `out` (V,) with each entry's leaf.
     #[pyo3(text_signature = "($self, out)")]
-    fn token_leaves(&self, out: usize) -> PyResult<()> {
+    fn token_leaves(&self, out: &PyAny) -> PyResult<()> {
         let v = self.inner.vocab_size();
-        self.fill_i64(out, v, (0..v).map(|t| i64::from(self.inner.token_leaf(t))))
+        Self::fill_i64(out, v, (0..v).map(|t| i64::from(self.inner.token_leaf(t))))
     }
 
-    /// Fill the int64 array at `out` (length num_nodes) with each leaf's entry (-1 for prefix nodes).
+    /// Fill the int64 array `out` (num_nodes,) with each leaf's entry (-1 for prefix nodes).
     #[pyo3(text_signature = "($self, out)")]
-    fn node_tokens(&self, out: usize) -> PyResult<()> {
+    fn node_tokens(&self, out: &PyAny) -> PyResult<()> {
         let n = self.inner.num_nodes() as u32;
-        self.fill_i64(out, n as usize, (0..n).map(|c| self.inner.leaf_token(c).map_or(-1, i64::from)))
+        Self::fill_i64(out, n as usize, (0..n).map(|c| self.inner.leaf_token(c).map_or(-1, i64::from)))
     }
 
-    /// Fill the int64 array at `out` (length num_nodes) with each node's parent (the root's is itself).
+    /// Fill the int64 array `out` (num_nodes,) with each node's parent (the root's is itself).
     #[pyo3(text_signature = "($self, out)")]
-    fn parents(&self, out: usize) -> PyResult<()> {
+    fn parents(&self, out: &PyAny) -> PyResult<()> {
         let n = self.inner.num_nodes() as u32;
-        self.fill_i64(out, n as usize, (0..n).map(|c| i64::from(self.inner.parent(c).unwrap_or(c))))
+        Self::fill_i64(out, n as usize, (0..n).map(|c| i64::from(self.inner.parent(c).unwrap_or(c))))
     }
 
-    /// Per-node reduction (`"sum"`, `"max"`, `"logsumexp"`) of the float32
-    /// (`wide=False`) or float64 array at `ws`, of shape (V,) or (rows, V), into
-    /// the float64 array at `out`, (num_nodes,) or (rows, num_nodes); the GIL is
-    /// released while it computes.
-    #[pyo3(text_signature = "($self, kind, ws, wide, rows, out)")]
-    fn reduce(
+    /// Per-node reduction (`"sum"`, `"max"`, `"logsumexp"`) of the float32 or
+    /// float64 weights `ws`, of shape (V,) (or (B, V) if `batch`), into the
+    /// float64 array `out`, (num_nodes,) (or (B, num_nodes)), a new numpy array
+    /// if None; returns `out`. The GIL is released while it computes.
+    #[pyo3(text_signature = "($self, kind, ws, batch, out)")]
+    fn reduce<'py>(
         &self,
-        py: Python<'_>,
+        py: Python<'py>,
         kind: &str,
-        ws: usize,
-        wide: bool,
-        rows: Option<usize>,
-        out: usize,
-    ) -> PyResult<()> {
+        ws: &'py PyAny,
+        batch: bool,
+        out: Option<&'py PyAny>,
+    ) -> PyResult<&'py PyAny> {
         let reduction = match kind {
             "sum" => Reduction::Sum,
             "max" => Reduction::Max,
             "logsumexp" => Reduction::LogSumExp,
             _ => return Err(PyValueError::new_err(format!("unknown reduction {kind:?}"))),
         };
-        let r = rows.unwrap_or(1);
+        let name = if kind == "logsumexp" { "logws" } else { "ws" };
         let (v, n) = (self.inner.vocab_size(), self.inner.num_nodes());
-        let trie = &self.inner;
-        let dst = unsafe { slice_mut::<f64>(out, r * n, "out")? };
-        if wide {
-            let w = unsafe { slice::<f64>(ws, r * v, "ws")? };
-            py.allow_threads(|| reduction.run(trie, w, rows, dst))
+        let ws = if batch {
+            Floats::new(ws, name, &[Dim::Any("B"), Dim::Is(v)])?
         } else {
-            let w = unsafe { slice::<f32>(ws, r * v, "ws")? };
-            py.allow_threads(|| reduction.run(trie, w, rows, dst))
+            Floats::new(ws, name, &[Dim::Is(v)])?
+        };
+        let rows = batch.then(|| ws.shape()[0]);
+        let out_shape: &[Dim] = match rows {
+            Some(r) => &[Dim::Is(r), Dim::Is(n)],
+            None => &[Dim::Is(n)],
+        };
+        let out = match out {
+            Some(out) => out,
+            None => new_f64_array(py, rows.map_or(vec![n], |r| vec![r, n]))?,
+        };
+        let mut dst = BufferMut::<f64>::new(out, "out", out_shape, &[&ws])?;
+        let dst = dst.as_mut_slice();
+        let trie = &self.inner;
+        match &ws {
+            Floats::F32(w) => {
+                let w = w.as_slice();
+                py.allow_threads(|| reduction.run(trie, w, rows, dst))
+            }
+            Floats::F64(w) => {
+                let w = w.as_slice();
+                py.allow_threads(|| reduction.run(trie, w, rows, dst))
+            }
+        }
+        .map_err(to_py_err)?;
+        Ok(out)
+    }
+
+    /// Tokens whose bytes start with `prefix`, into the bool mask `out` (V,).
+    #[pyo3(text_signature = "($self, prefix, out)")]
+    fn mask_startswith(&self, prefix: &[u8], out: &PyAny) -> PyResult<()> {
+        self.inner.mask_startswith(prefix, self.mask_out(out, &[])?.as_mut_slice()).map_err(to_py_err)
+    }
+
+    /// Tokens whose bytes are a prefix of `data`, into the bool mask `out` (V,).
+    #[pyo3(text_signature = "($self, data, out)")]
+    fn mask_prefix_of(&self, data: &[u8], out: &PyAny) -> PyResult<()> {
+        self.inner.mask_prefix_of(data, self.mask_out(out, &[])?.as_mut_slice()).map_err(to_py_err)
+    }
+
+    /// Tokens whose bytes drive the DFA `transitions` (int32 or int64, (S, 256))
+    /// from `state` through live states only, into the bool mask `out` (V,);
+    /// `live` is a bool array (S,).
+    #[pyo3(text_signature = "($self, transitions, state, live, out)")]
+    fn dfa_mask(&self, py: Python<'_>, transitions: &PyAny, state: i64, live: &PyAny, out: &PyAny) -> PyResult<()> {
+        let table = Ints::new(transitions, "transitions", &[Dim::Any("S"), Dim::Is(256)])?;
+        let n_states = table.shape()[0];
+        let live = Buffer::<u8>::new(live, "live", &[Dim::Is(n_states)])?;
+        let mut out = self.mask_out(out, &[&table, &live])?;
+        let dst = out.as_mut_slice();
+        let alive: Vec<bool> = live.as_slice().iter().map(|&b| b != 0).collect();
+        let trie = &self.inner;
+        match &table {
+            Ints::I32(t) => {
+                let t = t.as_slice();
+                py.allow_threads(|| trie.dfa_mask(t, n_states, state, &alive, dst))
+            }
+            Ints::I64(t) => {
+                let t = t.as_slice();
+                py.allow_threads(|| trie.dfa_mask(t, n_states, state, &alive, dst))
+            }
         }
         .map_err(to_py_err)
     }
+}
 
-    /// Tokens whose bytes start with `prefix`, into the bool mask at `out`.
-    #[pyo3(text_signature = "($self, prefix, out)")]
-    fn mask_startswith(&self, prefix: &[u8], out: usize) -> PyResult<()> {
-        self.inner.mask_startswith(prefix, unsafe { self.mask_out(out)? }).map_err(to_py_err)
-    }
-
-    /// Tokens whose bytes are a prefix of `data`.
-    #[pyo3(text_signature = "($self, data, out)")]
-    fn mask_prefix_of(&self, data: &[u8], out: usize) -> PyResult<()> {
-        self.inner.mask_prefix_of(data, unsafe { self.mask_out(out)? }).map_err(to_py_err)
-    }
-
-    /// Tokens whose bytes drive the DFA at `transitions` (int32, (n_states, 256))
-    /// from `state` through live states only; `live` is a bool array (n_states,).
-    #[pyo3(text_signature = "($self, transitions, n_states, state, live, out)")]
-    fn dfa_mask(
-        &self,
-        py: Python<'_>,
-        transitions: usize,
-        n_states: usize,
-        state: i64,
-        live: usize,
-        out: usize,
-    ) -> PyResult<()> {
-        let table = unsafe { slice::<i32>(transitions, n_states * 256, "transitions")? };
-        let live: Vec<bool> = unsafe { slice::<u8>(live, n_states, "live")? }.iter().map(|&b| b != 0).collect();
-        let dst = unsafe { self.mask_out(out)? };
-        let trie = &self.inner;
-        py.allow_threads(|| trie.dfa_mask(table, n_states, state, &live, dst)).map_err(to_py_err)
-    }
+/// Copy the float64 array `src` into `out`, which must have its shape, be
+/// writable and share no memory with it (the torch trie's `out=`).
+#[pyfunction]
+#[pyo3(text_signature = "(src, out)")]
+fn copy_into(src: &PyAny, out: &PyAny) -> PyResult<()> {
+    let src = Buffer::<f64>::of_any_shape(src, "src")?;
+    let shape: Vec<Dim> = src.shape().iter().map(|&d| Dim::Is(d)).collect();
+    BufferMut::<f64>::new(out, "out", &shape, &[&src])?.as_mut_slice().copy_from_slice(src.as_slice());
+    Ok(())
 }
 
 pub fn register(m: &PyModule) -> PyResult<()> {
-    m.add_class::<PyTrie>()
+    m.add_class::<PyTrie>()?;
+    m.add_function(wrap_pyfunction!(copy_into, m)?)
 }

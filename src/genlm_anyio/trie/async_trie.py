@@ -77,10 +77,12 @@ class AsyncTokenCharacterTrie(Closeable):
     def _compute(self, batch: list[_Request]) -> list[np.ndarray | Exception]:
         """Results in order; a request the trie refuses gets its exception as its result."""
         results: dict[int, np.ndarray | Exception] = {}
-        for op in _OPS:
-            members = [i for i, req in enumerate(batch) if req.op == op]
-            if not members:
-                continue
+        groups: dict[tuple[str, np.dtype, tuple[int, ...]], list[int]] = {}
+        for i, req in enumerate(batch):
+            # Only weights of one dtype and shape are stacked, so that a request
+            # the trie would refuse alone is refused in a batch too.
+            groups.setdefault((req.op, req.ws.dtype, req.ws.shape), []).append(i)
+        for (op, _, _), members in groups.items():
             batch_op = self.trie.batch_weight_sum if op == "sum" else self.trie.batch_weight_max
             try:
                 results.update(zip(members, batch_op(np.stack([batch[i].ws for i in members]))))
@@ -100,7 +102,7 @@ class AsyncTokenCharacterTrie(Closeable):
         genlm-backend's ``_queue_request`` and its future take)."""
         if op not in _OPS:
             raise ValueError(f"op must be one of {_OPS}, not {op!r}")
-        arr = float_array(ws, "ws", 1, self.trie.vocab_size)
+        arr = float_array(ws)
         self.start()
         assert self._batcher is not None
         return self._result(self._batcher.submit(_Request(op, arr)))

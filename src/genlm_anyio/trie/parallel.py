@@ -8,7 +8,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..arrays import address, is_torch_tensor
+from .. import _core
+from ..arrays import is_torch_tensor
 from .rust import TokenCharacterTrie
 
 
@@ -27,7 +28,7 @@ class ParallelTokenCharacterTrie(TokenCharacterTrie):
         super().__init__(decode, **kwargs)
         self.device: str = _device(device)
         parents = np.empty(self.num_nodes, dtype=np.int64)
-        self._core.parents(address(parents))
+        self._core.parents(parents)
         rows, cols = [], []
         nodes, tokens = self._token_leaves.copy(), np.arange(self.vocab_size)
         while len(nodes):
@@ -61,21 +62,21 @@ class ParallelTokenCharacterTrie(TokenCharacterTrie):
             raise ValueError(f"weights contain NaN (row {row}, token {index})")
         return batch
 
-    def batch_weight_sum(self, ws: Any) -> np.ndarray:
-        return torch.sparse.mm(self._matrix, self._preprocess_ws(ws).T).T.cpu().numpy()
+    def batch_weight_sum(self, ws: Any, *, out: Any = None) -> np.ndarray:
+        return _deliver(torch.sparse.mm(self._matrix, self._preprocess_ws(ws).T).T, out)
 
-    def batch_weight_max(self, ws: Any) -> np.ndarray:
+    def batch_weight_max(self, ws: Any, *, out: Any = None) -> np.ndarray:
         batch = self._preprocess_ws(ws)
-        out = torch.full((batch.shape[0], self.num_nodes), -torch.inf, dtype=torch.float64, device=self.device)
+        maxes = torch.full((batch.shape[0], self.num_nodes), -torch.inf, dtype=torch.float64, device=self.device)
         index = self._rows.expand(batch.shape[0], -1)
-        out.scatter_reduce_(1, index, batch[:, self._cols], reduce="amax")
-        return out.cpu().numpy()
+        maxes.scatter_reduce_(1, index, batch[:, self._cols], reduce="amax")
+        return _deliver(maxes, out)
 
-    def weight_sum(self, ws: Any) -> np.ndarray:
-        return _single(self.batch_weight_sum, ws)
+    def weight_sum(self, ws: Any, *, out: Any = None) -> np.ndarray:
+        return _deliver(_single(self.batch_weight_sum, ws), out)
 
-    def weight_max(self, ws: Any) -> np.ndarray:
-        return _single(self.batch_weight_max, ws)
+    def weight_max(self, ws: Any, *, out: Any = None) -> np.ndarray:
+        return _deliver(_single(self.batch_weight_max, ws), out)
 
 
 def _device(device: str | torch.device | None) -> str:
@@ -90,6 +91,16 @@ def _device(device: str | torch.device | None) -> str:
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {device!r} asked for, but CUDA is not available")
     return str(parsed)
+
+
+def _deliver(result: torch.Tensor | np.ndarray, out: Any) -> np.ndarray:
+    """``result`` as a numpy array, or copied into ``out`` (checked by the core, as
+    the Rust trie's ``out`` is) and ``out`` returned."""
+    array = result.cpu().numpy() if isinstance(result, torch.Tensor) else result
+    if out is None:
+        return array
+    _core.copy_into(np.ascontiguousarray(array), out)
+    return out
 
 
 def _single(batch_op: Any, ws: Any) -> np.ndarray:

@@ -6,8 +6,8 @@ batch rows, the GIL released while it computes).
 
 from __future__ import annotations
 
-import sys
 import warnings
+import weakref
 from collections.abc import Mapping, Sequence
 from functools import cached_property
 from typing import Any
@@ -15,12 +15,13 @@ from typing import Any
 import numpy as np
 
 from .. import _core
-from ..arrays import address, float_array
+from ..arrays import float_array
 
 __all__ = ["TokenCharacterTrie"]
 
-# Outputs this large are kept for reuse (see TokenCharacterTrie._output).
-_SPARE_MIN_BYTES = 16 << 20
+# Batch outputs this large come from a _Blocks pool (a fresh one costs more in
+# first-touch page faults than the reduction).
+_POOL_MIN_BYTES = 16 << 20
 
 
 class TokenCharacterTrie:
@@ -93,10 +94,10 @@ class TokenCharacterTrie:
         self.num_nodes: int = self._core.num_nodes
         self.root: int = self._core.root
         self._sorted_tokens = np.empty(self.vocab_size, dtype=np.int64)
-        self._core.sorted_tokens(address(self._sorted_tokens))
+        self._core.sorted_tokens(self._sorted_tokens)
         self._token_leaves = np.empty(self.vocab_size, dtype=np.int64)
-        self._core.token_leaves(address(self._token_leaves))
-        self._spare: np.ndarray | None = None
+        self._core.token_leaves(self._token_leaves)
+        self._blocks = _Blocks()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, num_nodes={self.num_nodes})"
@@ -151,7 +152,7 @@ class TokenCharacterTrie:
     def ordering(self) -> np.ndarray:
         """The prefix nodes in the order in which reductions visit them (children first)."""
         tokens = np.empty(self.num_nodes, dtype=np.int64)
-        self._core.node_tokens(address(tokens))
+        self._core.node_tokens(tokens)
         return np.flatnonzero(tokens < 0)
 
     @cached_property
@@ -165,8 +166,8 @@ class TokenCharacterTrie:
         return np.zeros(self.num_nodes, dtype=np.float64)
 
     def _preprocess_ws(self, ws: Any) -> np.ndarray:
-        """``ws`` (numpy, torch on any device, a sequence) as the float array of shape ``(V,)`` the core reads."""
-        return float_array(ws, "ws", 1, self.vocab_size)
+        """``ws`` (numpy, torch on any device, a sequence) as the numpy array the core reads."""
+        return float_array(ws)
 
     def visualize(self, ws: Any = None) -> Any:
         """The trie as a ``graphviz.Digraph`` (needs the ``graphviz`` package):
@@ -201,53 +202,44 @@ class TokenCharacterTrie:
         return dot
 
     # -- mass propagation ---------------------------------------------------------
-    def _reduce(self, kind: str, ws: Any, ndim: int) -> np.ndarray:
-        name = "ws" if kind != "logsumexp" else "logws"
-        arr = float_array(ws, name, ndim, self.vocab_size)
-        out = self._output(arr.shape[:-1] + (self.num_nodes,))
-        rows = arr.shape[0] if ndim == 2 else None
-        self._core.reduce(kind, address(arr), arr.dtype == np.float64, rows, address(out))
-        return out
+    # ``ws`` may be anything float_array takes; ``out``, if given, must be a
+    # writable, C-contiguous float64 array (or other buffer) of the result's shape,
+    # sharing no memory with ``ws``. It is filled and returned. By default each
+    # call returns a new array that shares memory with no live result (a large
+    # batch result may reuse a freed one's, see _Blocks). The core checks both
+    # arguments, naming them.
+    def weight_sum(self, ws: Any, *, out: Any = None) -> np.ndarray:
+        """Per node, the sum of ``ws`` (shape ``(V,)``) over the tokens under it:
+        float64 ``(num_nodes,)``, written to ``out`` if given."""
+        return self._core.reduce("sum", float_array(ws), False, out)
 
-    def _output(self, shape: tuple[int, ...]) -> np.ndarray:
-        """A float64 array for a result.
+    def weight_max(self, ws: Any, *, out: Any = None) -> np.ndarray:
+        """Per node, the max of ``ws`` (shape ``(V,)``) over the tokens under it (into ``out`` if given)."""
+        return self._core.reduce("max", float_array(ws), False, out)
 
-        A large batch output is mostly first-touch page faults when freshly
-        allocated, so the last one is kept and reused once nobody else holds it
-        (its only references are then ``self._spare``, the local name and
-        ``getrefcount``'s argument); a result still in use is never touched.
-        """
-        spare = self._spare
-        if spare is not None and spare.shape == shape and sys.getrefcount(spare) == 3:
-            return spare
-        out = np.empty(shape, dtype=np.float64)
-        if out.nbytes >= _SPARE_MIN_BYTES:
-            self._spare = out
-        return out
+    def weight_logsumexp(self, logws: Any, *, out: Any = None) -> np.ndarray:
+        """Per node, ``log(sum(exp(logws)))`` over the tokens under it, stable; ``-inf``
+        where all are ``-inf`` (into ``out`` if given)."""
+        return self._core.reduce("logsumexp", float_array(logws), False, out)
 
-    def weight_sum(self, ws: Any) -> np.ndarray:
-        """Per node, the sum of ``ws`` (shape ``(V,)``) over the tokens under it: float64 ``(num_nodes,)``."""
-        return self._reduce("sum", ws, 1)
+    def batch_weight_sum(self, ws: Any, *, out: Any = None) -> np.ndarray:
+        """:meth:`weight_sum` of each row of ``ws`` (shape ``(B, V)``): ``(B, num_nodes)``
+        (into ``out`` if given)."""
+        return self._batch("sum", ws, out)
 
-    def weight_max(self, ws: Any) -> np.ndarray:
-        """Per node, the max of ``ws`` (shape ``(V,)``) over the tokens under it."""
-        return self._reduce("max", ws, 1)
+    def batch_weight_max(self, ws: Any, *, out: Any = None) -> np.ndarray:
+        """:meth:`weight_max` of each row of ``ws`` (shape ``(B, V)``) (into ``out`` if given)."""
+        return self._batch("max", ws, out)
 
-    def weight_logsumexp(self, logws: Any) -> np.ndarray:
-        """Per node, ``log(sum(exp(logws)))`` over the tokens under it, stable; ``-inf`` where all are ``-inf``."""
-        return self._reduce("logsumexp", logws, 1)
+    def batch_weight_logsumexp(self, logws: Any, *, out: Any = None) -> np.ndarray:
+        """:meth:`weight_logsumexp` of each row of ``logws`` (shape ``(B, V)``) (into ``out`` if given)."""
+        return self._batch("logsumexp", logws, out)
 
-    def batch_weight_sum(self, ws: Any) -> np.ndarray:
-        """:meth:`weight_sum` of each row of ``ws`` (shape ``(B, V)``): ``(B, num_nodes)``."""
-        return self._reduce("sum", ws, 2)
-
-    def batch_weight_max(self, ws: Any) -> np.ndarray:
-        """:meth:`weight_max` of each row of ``ws`` (shape ``(B, V)``)."""
-        return self._reduce("max", ws, 2)
-
-    def batch_weight_logsumexp(self, logws: Any) -> np.ndarray:
-        """:meth:`weight_logsumexp` of each row of ``logws`` (shape ``(B, V)``)."""
-        return self._reduce("logsumexp", logws, 2)
+    def _batch(self, kind: str, ws: Any, out: Any) -> np.ndarray:
+        arr = float_array(ws)
+        if out is None and arr.ndim == 2 and arr.shape[1] == self.vocab_size:
+            out = self._blocks.array((arr.shape[0], self.num_nodes))
+        return self._core.reduce(kind, arr, True, out)
 
     # -- navigation ---------------------------------------------------------------
     def _node(self, node: Any) -> int:
@@ -296,7 +288,7 @@ class TokenCharacterTrie:
     # -- masks --------------------------------------------------------------------
     def _mask(self, fill: Any, *args: Any) -> np.ndarray:
         mask = np.empty(self.vocab_size, dtype=np.bool_)
-        fill(*args, address(mask))
+        fill(*args, mask)
         return mask
 
     def mask_startswith(self, prefix: bytes) -> np.ndarray:
@@ -316,24 +308,52 @@ class TokenCharacterTrie:
         bool array ``live`` ``(S,)``.
         """
         table = np.asarray(transitions)
-        if not np.issubdtype(table.dtype, np.integer):
-            raise TypeError(f"transitions must hold integers, not {table.dtype}")
-        if table.ndim != 2 or table.shape[1] != 256:
-            raise ValueError(f"transitions must have shape (S, 256), not {table.shape}")
-        if table.size and (table.min() < -1 or table.max() >= table.shape[0]):
-            raise ValueError(f"transitions entries must lie in [-1, {table.shape[0]})")
-        table = np.ascontiguousarray(table, dtype=np.int32)
-        live_arr = np.asarray(live)
-        if live_arr.dtype != np.bool_:
-            raise TypeError(f"live must be a bool array, not {live_arr.dtype}")
-        if live_arr.shape != (table.shape[0],):
-            raise ValueError(f"live must have shape ({table.shape[0]},), not {live_arr.shape}")
+        if table.dtype.kind in "iu" and table.dtype.itemsize < 8 and table.dtype != np.dtype(np.int32):
+            table = table.astype(np.int64)  # lossless; the core reads int32 and int64
         if isinstance(state, bool) or not isinstance(state, (int, np.integer)):
             raise TypeError(f"state must be an int, not {type(state).__name__}")
-        if not 0 <= state < table.shape[0]:
-            raise ValueError(f"state {state} is outside [0, {table.shape[0]})")
-        live_arr = np.ascontiguousarray(live_arr)
-        return self._mask(self._core.dfa_mask, address(table), table.shape[0], int(state), address(live_arr))
+        live_arr = np.ascontiguousarray(live)
+        return self._mask(self._core.dfa_mask, np.ascontiguousarray(table), int(state), live_arr)
+
+
+class _Blocks:
+    """Memory for large results, reused only once no array over it is left.
+
+    An array made by ``np.frombuffer(block)`` reaches ``block`` through a
+    memoryview that numpy makes (its ``base``), and so does every view or slice
+    of it: numpy keeps the owner of an array's memory alive through ``base``.
+    When that memoryview is freed no array over the block remains, and a
+    ``weakref.finalize`` puts the block back. Each list operation here is one
+    atomic step, so threads (and callbacks run inside them) never share a block.
+    """
+
+    _KEEP = 2  # free blocks kept
+
+    def __init__(self) -> None:
+        self._free: list[bytearray] = []
+
+    def array(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """A float64 array of ``shape`` over a free or new block; None (allocate
+        normally) below the pooling size."""
+        nbytes = shape[0] * shape[1] * 8
+        if nbytes < _POOL_MIN_BYTES:
+            return None
+        try:
+            block = self._free.pop()
+        except IndexError:
+            block = None
+        if block is None or len(block) != nbytes:
+            block = bytearray(nbytes)
+        arr = np.frombuffer(block, dtype=np.float64)
+        owner = arr.base
+        if not isinstance(owner, memoryview) or owner.obj is not block:
+            return None  # not numpy's usual layout: no reuse
+        weakref.finalize(owner, self._give_back, block).atexit = False
+        return arr.reshape(shape)
+
+    def _give_back(self, block: bytearray) -> None:
+        self._free.append(block)
+        del self._free[: -self._KEEP]
 
 
 def _as_bytes(data: Any, name: str) -> bytes:
