@@ -43,6 +43,14 @@ def vocab_dir() -> Path:
     return assets.vocab_dir()
 
 
+def child_pids() -> set[int]:
+    """This process's descendants, but Python's multiprocessing resource tracker,
+    which the first spawned process starts and which lives as long as this process."""
+    import psutil  # a dependency of vLLM's, which the tests that start engine processes need
+
+    return {p.pid for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())}
+
+
 async def good_beside_bad(lm, good_ids, bad_ids):
     """Ask for ``good_ids`` and ``bad_ids`` concurrently: (the good result, the
     exception the bad request raised, or None)."""

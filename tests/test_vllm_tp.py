@@ -19,7 +19,7 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import ask_after_cancelled_callers, assets
+from conftest import ask_after_cancelled_callers, assets, child_pids
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.vllm_engine import cpu_thread_binding, split_cores
@@ -38,14 +38,6 @@ def test_cpu_thread_binding_splits_the_cores_into_contiguous_ranges():
         cpu_thread_binding(0, [0])
     with pytest.raises(ValueError, match="cpus"):
         cpu_thread_binding(1, [])
-
-
-def _children() -> set[int]:
-    """This process's descendants, but Python's multiprocessing resource tracker,
-    which the first spawned process starts and which lives as long as this process."""
-    return {
-        p.pid for p in psutil.Process().children(recursive=True) if "resource_tracker" not in " ".join(p.cmdline())
-    }
 
 
 def _start(tp: int, monkeypatch: pytest.MonkeyPatch) -> AsyncVirtualLM:
@@ -79,13 +71,13 @@ def _run(lm: AsyncVirtualLM) -> dict[str, object]:
 def tp1_results():
     """The TP=1 engine's answers; it is closed before any TP=2 engine starts."""
     with pytest.MonkeyPatch.context() as mp:
-        before = _children()
+        before = child_pids()
         lm = _start(1, mp)
         try:
             results = _run(lm)
         finally:
             lm.close()
-    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in _children() - before], timeout=30)
+    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in child_pids() - before], timeout=30)
     assert not alive, alive
     return results
 
@@ -93,7 +85,7 @@ def tp1_results():
 @pytest.fixture(scope="module")
 def tp2(tp1_results):
     with pytest.MonkeyPatch.context() as mp:
-        before = _children()
+        before = child_pids()
         lm = _start(2, mp)
         # The binding was set only while the engine started; the user's environment is as it was.
         assert BIND not in os.environ
@@ -107,7 +99,7 @@ def test_tp2_starts_with_one_worker_process_per_rank_bound_to_its_own_core(tp2):
     lm, before = tp2
     config = lm.engine._engine.vllm_config.parallel_config
     assert (config.tensor_parallel_size, config.world_size) == (2, 2)
-    started = [psutil.Process(pid) for pid in _children() - before]
+    started = [psutil.Process(pid) for pid in child_pids() - before]
     workers = sorted((p for p in started if "Worker_TP" in p.name()), key=lambda p: p.name())
     assert len(workers) == 2, [(p.pid, p.name()) for p in started]
     # Each rank's threads run on its own half of this process's cores ("0|1" on 2 cores).
@@ -145,11 +137,21 @@ def test_tp2_is_usable_after_cancelled_callers(tp2):
 @pytest.mark.slow
 def test_tp2_close_leaves_no_child_process(tp2):
     lm, before = tp2
-    started = [psutil.Process(pid) for pid in _children() - before]
+    started = [psutil.Process(pid) for pid in child_pids() - before]
     assert len(started) >= 3  # the engine core and two workers
     lm.close()
     with pytest.raises(ClosedError):
         lm.next_token_logprobs_sync([1, 2, 3])
     _, alive = psutil.wait_procs(started, timeout=30)
     assert not alive, alive
-    assert not _children() - before
+    assert not child_pids() - before
+
+
+@pytest.mark.vllm
+def test_the_ray_executor_is_refused_at_once_where_vllm_has_no_ray_device():
+    from vllm.platforms import current_platform
+
+    if current_platform.ray_device_key:
+        pytest.skip(f"vLLM runs Ray workers on {current_platform.device_name}; this checks the refusal elsewhere")
+    with pytest.raises(ValueError, match="distributed_executor_backend='ray'.*multiprocess executor"):
+        AsyncVirtualLM.from_name(str(assets.tiny_llama_dir()), engine_opts={"distributed_executor_backend": "ray"})

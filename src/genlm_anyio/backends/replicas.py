@@ -145,9 +145,10 @@ class ReplicatedLM(AsyncLM):
         """Start ``replicas`` replicas of ``model_name`` and route over them.
 
         ``backend="vllm"``: each replica is a vLLM multiprocess engine (its engine
-        core in a process of its own). On vLLM's CPU platform the cores this
-        process may use are split between the replicas, one contiguous range
-        each (and within a replica between its tensor-parallel workers), unless
+        core in a process of its own), on vLLM's CPU platform for now
+        (NotImplementedError elsewhere). The cores this process may use are
+        split between the replicas, one contiguous range each (and within a
+        replica between its tensor-parallel workers), unless
         ``VLLM_CPU_OMP_THREADS_BIND`` is set. ``replica_opts`` go to
         :meth:`AsyncVirtualLM.from_name` (``engine_opts``, ``max_batch_size``).
         Other backends (``"hf"``, ``"mock"``) load each replica with
@@ -165,8 +166,18 @@ class ReplicatedLM(AsyncLM):
         try:
             if backend == "vllm":
                 from .vllm import AsyncVirtualLM
-                from .vllm_engine import VLLMEngine, split_cores
+                from .vllm_engine import VLLMEngine, split_cores, vllm_version
 
+                vllm_version()  # a clear ImportError without vLLM
+                from vllm.platforms import current_platform
+
+                if not current_platform.is_cpu():
+                    # Each engine would need its own devices (CUDA_VISIBLE_DEVICES in its
+                    # engine process); that path has not been run yet, so it is not offered.
+                    raise NotImplementedError(
+                        "ReplicatedLM.from_name starts vLLM replicas on CPU machines only for now; on GPUs, "
+                        "build one AsyncVirtualLM per device and pass them to ReplicatedLM(...)"
+                    )
                 engine_opts = ropts.pop("engine_opts", None)
                 if engine_opts is not None and not isinstance(engine_opts, dict):
                     raise TypeError(f"engine_opts must be a dict or None, not {type(engine_opts).__name__}")

@@ -124,6 +124,19 @@ def _cpu_environment(args: Any, cpus: Sequence[int] | None) -> dict[str, str]:
     return {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(workers, cpus)}
 
 
+def _check_ray(args: Any) -> None:
+    """Refuse the Ray executor where vLLM's platform has no Ray device, as vLLM
+    would (``ray_utils.initialize_ray_cluster``), but before starting anything and
+    with an error that reaches the caller (vLLM's is in its engine process's log)."""
+    from vllm.platforms import current_platform
+
+    if args.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
+        raise ValueError(
+            f"engine_opts distributed_executor_backend='ray': vLLM's {current_platform.device_name} platform "
+            "does not run workers on Ray (it has no Ray device); leave the option out for its multiprocess executor"
+        )
+
+
 @contextlib.contextmanager
 def _environment(env: dict[str, str]) -> Iterator[None]:
     """Set ``env`` while an engine starts: vLLM reads it there, in this process and
@@ -237,6 +250,7 @@ class VLLMEngine:
             raise ValueError(f"engine_opts may not set {clash}: genlm-anyio needs {_REQUIRED_OPTIONS}")
         opts.update(_REQUIRED_OPTIONS)
         args = EngineArgs(model=model, **opts)
+        _check_ray(args)
         env = _cpu_environment(args, cpus)
         if multiprocess:
             # vLLM's CPU platform picks its worker executor from this variable.
