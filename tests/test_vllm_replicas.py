@@ -101,8 +101,12 @@ def test_sis_equals_one_replicas_and_each_particle_stays_on_its_replica(rep):
     one.clear_cache()
     one_paths, one_logprobs = anyio.run(sis, one, prompt)
     assert one_paths == paths
-    err = max((a - b).abs().max().item() for x, y in zip(logprobs, one_logprobs) for a, b in zip(x, y))
-    assert err < 1e-5, err
+    # vLLM's CPU kernels round differently for batches of other sizes (4 rows per
+    # replica here, 8 on one): log-probabilities agree as when the same requests
+    # run again in other batches on one engine (tests/test_vllm.py), probabilities within 1e-5.
+    pairs = [(a, b) for x, y in zip(logprobs, one_logprobs) for a, b in zip(x, y)]
+    assert max((a - b).abs().max().item() for a, b in pairs) < 1e-4
+    assert max((a.exp() - b.exp()).abs().max().item() for a, b in pairs) < 1e-5
 
 
 def test_sampling_runs_on_one_replica_and_equals_one_replicas(rep):

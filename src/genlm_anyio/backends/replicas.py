@@ -241,8 +241,9 @@ class ReplicatedLM(AsyncLM):
                 for i, row in zip(rows, out):
                     results[i] = row
             except Exception as exc:  # only this replica's requests fail
+                failed = _failure(exc, f"replica {replica} failed: {exc}")
                 for i in rows:
-                    results[i] = RequestFailed(type(exc), f"replica {replica} failed: {exc}")
+                    results[i] = failed
             finally:
                 for _ in rows:
                     self._finish(replica)
@@ -297,3 +298,13 @@ class ReplicatedLM(AsyncLM):
         self._pool.shutdown(wait=False)
         if errors:
             raise errors[0]
+
+
+def _failure(exc: Exception, message: str) -> RequestFailed:
+    """``exc`` as the answer of each request it failed: its own type where that
+    type is built from a message alone, RuntimeError otherwise."""
+    try:
+        type(exc)(message)
+    except Exception:
+        return RequestFailed(RuntimeError, f"{message} ({type(exc).__name__})")
+    return RequestFailed(type(exc), message)
