@@ -7,7 +7,7 @@ from __future__ import annotations
 import anyio
 import pytest
 import torch
-from conftest import load_tokenizer
+from conftest import assets, load_tokenizer
 
 from genlm_anyio import ClosedError, MockAsyncLM
 from genlm_anyio.backends.replicas import ReplicatedLM
@@ -156,3 +156,19 @@ def test_bad_replicas_are_refused():
         ReplicatedLM(mocks(), max_imbalance=-1)
     with pytest.raises(TypeError, match="replicas"):
         ReplicatedLM.from_name("x", replicas="2")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_two_transformers_replicas_from_name_split_the_work_and_agree_with_one():
+    with ReplicatedLM.from_name(
+        str(assets.smollm2_dir()), replicas=2, backend="hf", replica_opts={"hf_opts": {"dtype": torch.float32}}
+    ) as rep:
+        seqs = [rep.tokenizer.encode(t) for t in ("Montreal is", "The quick brown fox", "1 2 3", "Hello")]
+        got = anyio.run(rep.batch_next_token_logprobs, seqs)
+        assert rep.stats.requests == [2, 2]
+        grown = rep.batch_next_token_logprobs_sync([s + [28] for s in seqs])
+        assert rep.stats.requests == [4, 4] and rep.stats.affinity_hits == 4
+        for ids, a, b in zip(seqs, got, grown):
+            want = rep.replicas[0].next_token_logprobs_uncached(ids)
+            assert (a - want).abs().max().item() < 1e-4
+            assert (b - rep.replicas[1].next_token_logprobs_uncached(ids + [28])).abs().max().item() < 1e-4
