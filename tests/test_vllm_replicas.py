@@ -14,7 +14,7 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import assets, child_pids
+from conftest import assets, child_processes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.replicas import ReplicatedLM
@@ -31,13 +31,13 @@ def rep():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
         mp.delenv("VLLM_CPU_OMP_THREADS_BIND", raising=False)
-        before = child_pids()
+        before = child_processes()
         lm = ReplicatedLM.from_name(
             str(assets.smollm2_dir()),
             replicas=2,
             replica_opts={"engine_opts": {"dtype": "float32", "block_size": 32, "seed": 0}},
         )
-        lm.started = [psutil.Process(pid) for pid in child_pids() - before]  # type: ignore[attr-defined]
+        lm.started = [p for pid, p in child_processes().items() if pid not in before]  # type: ignore[attr-defined]
         yield lm
         lm.close()
 
@@ -68,12 +68,13 @@ async def sis(lm, prompt: list[int]) -> tuple[list[list[list[int]]], list[list[t
 
 def test_each_replica_is_an_engine_process_with_its_worker_on_its_own_cores(rep):
     assert all(isinstance(r, AsyncVirtualLM) for r in rep.replicas) and len(rep.replicas) == 2
-    engines = [p for p in rep.started if "EngineCore" in p.name() + " ".join(p.cmdline())]
-    assert len(engines) == 2, [(p.pid, p.name()) for p in rep.started]
+    started = {p.pid for p in rep.started}
+    engines = [p for pid, p in child_processes("EngineCore").items() if pid in started]
+    assert len(engines) == 2, rep.started
     for r in rep.replicas:
         with pytest.raises(RuntimeError, match="not in this process"):
             r.underlying_model  # noqa: B018 - each engine core (and its model) is a child process
-    workers = [p for p in rep.started if "Worker" in p.name()]
+    workers = [p for pid, p in child_processes("Worker").items() if pid in started]
     assert sorted(w.cpu_affinity() for w in workers) == split_cores(sorted(os.sched_getaffinity(0)), 2)
 
 

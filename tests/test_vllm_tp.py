@@ -19,7 +19,7 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import ask_after_cancelled_callers, assets, child_pids
+from conftest import ask_after_cancelled_callers, assets, child_processes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.vllm_engine import cpu_thread_binding, split_cores
@@ -71,13 +71,13 @@ def _run(lm: AsyncVirtualLM) -> dict[str, object]:
 def tp1_results():
     """The TP=1 engine's answers; it is closed before any TP=2 engine starts."""
     with pytest.MonkeyPatch.context() as mp:
-        before = child_pids()
+        before = child_processes()
         lm = _start(1, mp)
         try:
             results = _run(lm)
         finally:
             lm.close()
-    _, alive = psutil.wait_procs([psutil.Process(pid) for pid in child_pids() - before], timeout=30)
+    _, alive = psutil.wait_procs([p for pid, p in child_processes().items() if pid not in before], timeout=30)
     assert not alive, alive
     return results
 
@@ -85,7 +85,7 @@ def tp1_results():
 @pytest.fixture(scope="module")
 def tp2(tp1_results):
     with pytest.MonkeyPatch.context() as mp:
-        before = child_pids()
+        before = child_processes()
         lm = _start(2, mp)
         # The binding was set only while the engine started; the user's environment is as it was.
         assert BIND not in os.environ
@@ -99,9 +99,10 @@ def test_tp2_starts_with_one_worker_process_per_rank_bound_to_its_own_core(tp2):
     lm, before = tp2
     config = lm.engine._engine.vllm_config.parallel_config
     assert (config.tensor_parallel_size, config.world_size) == (2, 2)
-    started = [psutil.Process(pid) for pid in child_pids() - before]
-    workers = sorted((p for p in started if "Worker_TP" in p.name()), key=lambda p: p.name())
-    assert len(workers) == 2, [(p.pid, p.name()) for p in started]
+    workers = sorted(
+        (p for pid, p in child_processes("Worker_TP").items() if pid not in before), key=lambda p: p.name()
+    )
+    assert len(workers) == 2, workers
     # Each rank's threads run on its own half of this process's cores ("0|1" on 2 cores).
     assert [w.cpu_affinity() for w in workers] == split_cores(sorted(os.sched_getaffinity(0)), 2)
     with pytest.raises(RuntimeError, match="not in this process"):
@@ -137,14 +138,14 @@ def test_tp2_is_usable_after_cancelled_callers(tp2):
 @pytest.mark.slow
 def test_tp2_close_leaves_no_child_process(tp2):
     lm, before = tp2
-    started = [psutil.Process(pid) for pid in child_pids() - before]
+    started = [p for pid, p in child_processes().items() if pid not in before]
     assert len(started) >= 3  # the engine core and two workers
     lm.close()
     with pytest.raises(ClosedError):
         lm.next_token_logprobs_sync([1, 2, 3])
     _, alive = psutil.wait_procs(started, timeout=30)
     assert not alive, alive
-    assert not child_pids() - before
+    assert not child_processes().keys() - before.keys()
 
 
 @pytest.mark.vllm
