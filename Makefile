@@ -32,6 +32,8 @@ test-python: assets
 test-vllm: assets
 	$(PY) -m pytest -q -m vllm tests/test_vllm.py
 	$(PY) -m pytest -q -m vllm tests/test_vllm_process.py
+	$(PY) -m pytest -q -m vllm tests/test_vllm_tp.py
+	$(PY) -m pytest -q -m vllm tests/test_vllm_replicas.py
 
 # Our users' own test suites (genlm-backend's, genlm-control's, genlm-bytes'),
 # from their released sdists, on genlm-anyio through the compat switch; failures
@@ -69,11 +71,15 @@ docs: setup
 
 test: lint docs test-rust test-wheel test-clients test-python test-vllm
 
+# Each benchmark prints genlm-anyio beside its reference (genlm-backend, vLLM's own
+# decode loop, one replica), measured in the same run.
+BENCH := PYTHONPATH=scripts $(PY)
 bench: assets
-	$(PY) benches/bench_vocab_trie.py
-	$(PY) benches/bench_sis.py
-	$(PY) benches/bench_vllm.py
-	$(PY) benches/bench_control.py
+	$(BENCH) benches/bench_vocab_trie.py
+	$(BENCH) benches/bench_sis.py --mlx 32x32
+	$(BENCH) benches/bench_vllm.py
+	$(BENCH) benches/bench_replicas.py
+	$(BENCH) benches/bench_control.py
 
 # Run on a CUDA machine: `make gpu-assets` here, then benches/gpu.sh there (see the script).
 gpu-assets: assets
@@ -81,7 +87,7 @@ gpu-assets: assets
 
 # Ten minutes of SMC-like work on SmolLM2: resident memory and KV bytes over time.
 soak: assets
-	$(PY) benches/soak.py --minutes 10
+	$(BENCH) benches/soak.py --minutes 10
 
 clean:
 	rm -rf target $(VENV) .pytest_cache site

@@ -1,6 +1,6 @@
 """genlm-control workloads on SmolLM2-135M: genlm-anyio (through the compat switch) beside genlm-backend.
 
-    python benches/bench_control.py [--workloads direct,regex,json,bytes] [--profile] [--seed S]
+    PYTHONPATH=scripts python benches/bench_control.py [--workloads direct,regex,json,bytes] [--profile] [--seed S]
 
 The workloads of ``control_workloads.py`` run twice, each time in one
 subprocess that loads the model once, with the same arguments and seeds: as

