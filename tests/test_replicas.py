@@ -1,6 +1,6 @@
-"""ReplicatedLM's routing, failure isolation and lifetime, over mock replicas
-(deterministic log-probabilities over a real tokenizer, no weights). The same
-class over two vLLM engines: tests/test_vllm_replicas.py."""
+"""ReplicatedLM's routing, failure isolation and lifetime, over transformers
+replicas of SmolLM2 (sharing one copy of the weights, each with its own caches
+and worker). The same class over two vLLM engines: tests/test_vllm_replicas.py."""
 
 from __future__ import annotations
 
@@ -9,23 +9,40 @@ import pytest
 import torch
 from conftest import assets, load_tokenizer
 
-from genlm_anyio import ClosedError, MockAsyncLM
+from genlm_anyio import AsyncTransformer, ClosedError, MockAsyncLM
 from genlm_anyio.backends.replicas import ReplicatedLM
+
+pytestmark = pytest.mark.slow
 
 PROMPT = [464, 2068, 7586, 21831]
 
 
-def mocks(n: int = 2) -> list[MockAsyncLM]:
-    return [MockAsyncLM(load_tokenizer("gpt-2")) for _ in range(n)]
+@pytest.fixture
+def replicas(hf_parts):
+    """``replicas(n)``: n transformers replicas over the one SmolLM2 (their own caches and workers)."""
+    made: list[AsyncTransformer] = []
+
+    def make(n: int = 2) -> list[AsyncTransformer]:
+        made.extend(AsyncTransformer(*hf_parts) for _ in range(n))
+        return made[-n:]
+
+    yield make
+    for lm in made:
+        lm.close()
+
+
+def computed(lm: AsyncTransformer) -> int:
+    """The requests a replica has computed (its batching engine's count)."""
+    return lm.batch_stats.batched_requests
 
 
 async def sis(lm, n: int, steps: int, seed: int = 0) -> list[list[int]]:
-    """Particles that each extend PROMPT by ``steps`` tokens, one request per
-    step, all particles concurrently: each particle's sequence after each step."""
+    """Particles that each extend their own start by ``steps`` tokens, one request
+    per step, all particles concurrently: each particle's sequence after each step."""
     paths: list[list[list[int]]] = [[] for _ in range(n)]
 
     async def particle(i: int) -> None:
-        ids = list(PROMPT)
+        ids = PROMPT + [1000 + i]  # distinct from the start, as SMC particles soon are
         generator = torch.Generator().manual_seed(seed + i)
         for _ in range(steps):
             logprobs = await lm.next_token_logprobs(ids)
@@ -38,36 +55,35 @@ async def sis(lm, n: int, steps: int, seed: int = 0) -> list[list[int]]:
     return paths
 
 
-def test_a_particles_steps_stay_on_one_replica_and_results_equal_one_replicas():
+def test_a_particles_steps_stay_on_one_replica_and_results_equal_one_replicas(replicas):
     n, steps = 8, 6
-    with ReplicatedLM(mocks()) as rep:
+    with ReplicatedLM(replicas()) as rep:
         paths = anyio.run(sis, rep, n, steps)
-        # From the second step on (the first asks for the prompt all particles
-        # share), each particle's requests went to one replica.
+        # Each particle's requests went to one replica.
         homes = []
         for path in paths:
             where = {rep.replica_of(ids) for ids in path[:-1]}
             assert len(where) == 1, where
             homes.append(where.pop())
         assert set(homes) == {0, 1}  # both replicas got particles
-        assert sum(rep.stats.requests) == rep.stats.affinity_hits + rep.stats.balanced == n * steps - (n - 1)
-        assert rep.stats.affinity_hits >= n * (steps - 2)
+        assert sum(rep.stats.requests) == rep.stats.affinity_hits + rep.stats.balanced == n * steps
+        assert rep.stats.balanced == n and rep.stats.affinity_hits == n * (steps - 1)
         # Every replica computed only what was routed to it.
-        assert [r.computed for r in rep.replicas] == rep.stats.requests
-    with MockAsyncLM(load_tokenizer("gpt-2")) as one:
-        assert anyio.run(sis, one, n, steps) == paths
+        assert [computed(r) for r in rep.replicas] == rep.stats.requests
+    (one,) = replicas(1)
+    assert anyio.run(sis, one, n, steps) == paths
 
 
-def test_sequences_without_a_recorded_prefix_are_spread_evenly():
-    with ReplicatedLM(mocks(3)) as rep:
+def test_sequences_without_a_recorded_prefix_are_spread_evenly(replicas):
+    with ReplicatedLM(replicas(3)) as rep:
         seqs = [[t, t + 1] for t in range(100, 112)]
         got = rep.batch_next_token_logprobs_sync(seqs)
         assert rep.stats.requests == [4, 4, 4] and rep.stats.balanced == 12
-        assert torch.equal(got, rep.replicas[0].batch_next_token_logprobs_sync(seqs))
+        torch.testing.assert_close(got, rep.replicas[0].batch_next_token_logprobs_sync(seqs), atol=1e-4, rtol=0)
 
 
-def test_a_busy_replica_gives_up_its_prefix_beyond_max_imbalance():
-    with ReplicatedLM(mocks(), max_imbalance=2) as rep:
+def test_a_busy_replica_gives_up_its_prefix_beyond_max_imbalance(replicas):
+    with ReplicatedLM(replicas(), max_imbalance=2) as rep:
         rep.next_token_logprobs_sync(PROMPT)
         home = rep.replica_of(PROMPT)
         rep.batch_next_token_logprobs_sync([PROMPT + [t] for t in range(10)])
@@ -77,17 +93,18 @@ def test_a_busy_replica_gives_up_its_prefix_beyond_max_imbalance():
         assert rep.stats.affinity_hits + rep.stats.balanced == 11
 
 
-def test_sampling_goes_to_one_replica_which_then_holds_the_sample():
-    with ReplicatedLM(mocks()) as rep, MockAsyncLM(load_tokenizer("gpt-2")) as one:
+def test_sampling_goes_to_one_replica_which_then_holds_the_sample(replicas):
+    one, *two = replicas(3)
+    with ReplicatedLM(two) as rep:
         got = anyio.run(lambda: rep.sample(PROMPT, 5, [], seed=7))
         assert got == anyio.run(lambda: one.sample(PROMPT, 5, [], seed=7))
         home = rep.replica_of(PROMPT)
-        assert rep.replicas[home].computed == 5 and rep.replicas[1 - home].computed == 0
+        assert computed(rep.replicas[home]) == 5 and computed(rep.replicas[1 - home]) == 0
         assert rep.replica_of(PROMPT + got + [1]) == home
 
 
-def test_a_failing_replica_fails_only_its_callers():
-    with ReplicatedLM(mocks()) as rep:
+def test_a_failing_replica_fails_only_its_callers(replicas):
+    with ReplicatedLM(replicas()) as rep:
         rep.replicas[1].close()
         seqs = [[t] for t in range(300, 306)]
         outcomes: dict[int, object] = {}
@@ -108,23 +125,36 @@ def test_a_failing_replica_fails_only_its_callers():
             if rep.replica_of(seq) == 1:
                 assert isinstance(outcomes[i], ClosedError) and "replica 1" in str(outcomes[i])
             else:
-                assert torch.equal(outcomes[i], rep.replicas[0].next_token_logprobs_sync(seq))
+                assert torch.equal(outcomes[i], rep.replicas[0].next_token_logprobs_sync(seq))  # its cached answer
         assert rep.stats.requests == [3, 3]
 
 
-def test_lora_adapters_are_loaded_into_every_replica():
-    with ReplicatedLM(mocks()) as rep:
-        rep.add_new_lora("/nowhere/adapter", "a")
-        assert all(r.loras == {"a": "/nowhere/adapter"} for r in rep.replicas)
-        got = rep.batch_next_token_logprobs_sync([[5, 6], [7, 8]], lora_name="a")
-        assert torch.equal(got[0], rep.replicas[0].next_token_logprobs_sync([5, 6], lora_name="a"))
-        assert not torch.equal(got[0], rep.replicas[0].next_token_logprobs_sync([5, 6]))
+def test_lora_adapters_are_loaded_into_every_replica(hf_parts, lora_adapters):
+    """Both replicas over one freshly loaded model (the adapters go into it), one of
+    them also beside an instance that shares the model and has no adapter."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32)
+    tok = hf_parts[1]
+    with ReplicatedLM([AsyncTransformer(model, tok) for _ in range(2)]) as rep, AsyncTransformer(model, tok) as plain:
+        rep.add_new_lora(lora_adapters["shifted"], "a")
+        seqs = [[5, 6], [7, 8]]
+        got = rep.batch_next_token_logprobs_sync(seqs, lora_name="a")
+        assert rep.stats.requests == [1, 1]  # each replica answered one under the adapter
+        base = plain.next_token_logprobs_sync([5, 6])  # the base model, though the model holds adapters
+        with AsyncTransformer(*hf_parts) as pristine:
+            torch.testing.assert_close(base, pristine.next_token_logprobs_uncached([5, 6]))
+        for r in rep.replicas:
+            torch.testing.assert_close(got[0], r.next_token_logprobs_uncached([5, 6], lora_name="a"), atol=1e-4, rtol=0)
+        assert (got[0] - base).abs().max() > 1e-2
         rep.remove_lora("a")
-        assert all(r.loras == {} for r in rep.replicas)
+        for r in rep.replicas:
+            with pytest.raises(ValueError, match="a"):
+                r.next_token_logprobs_sync([5, 6], lora_name="a")
 
 
-def test_close_and_aclose_close_every_replica():
-    rep = ReplicatedLM(mocks())
+def test_close_and_aclose_close_every_replica(replicas):
+    rep = ReplicatedLM(replicas())
     rep.close()
     for r in rep.replicas:
         with pytest.raises(ClosedError):
@@ -133,7 +163,7 @@ def test_close_and_aclose_close_every_replica():
         rep.next_token_logprobs_sync([1])
 
     async def main():
-        async with ReplicatedLM(mocks()) as rep:
+        async with ReplicatedLM(replicas()) as rep:
             await rep.next_token_logprobs([1, 2])
         return rep
 
@@ -143,22 +173,21 @@ def test_close_and_aclose_close_every_replica():
             r.next_token_logprobs_sync([1])
 
 
-def test_bad_replicas_are_refused():
+def test_bad_replicas_are_refused(replicas):
     with pytest.raises(ValueError, match="replicas"):
         ReplicatedLM([])
     with pytest.raises(TypeError, match="replicas"):
-        ReplicatedLM(mocks(1)[0])  # type: ignore[arg-type]
+        ReplicatedLM(replicas(1)[0])  # type: ignore[arg-type]
     with pytest.raises(TypeError, match=r"replicas\[1\]"):
-        ReplicatedLM([mocks(1)[0], "model"])  # type: ignore[list-item]
-    with pytest.raises(ValueError, match="vocab"):
-        ReplicatedLM([MockAsyncLM(load_tokenizer("gpt-2")), MockAsyncLM(load_tokenizer("qwen2"))])
+        ReplicatedLM([replicas(1)[0], "model"])  # type: ignore[list-item]
+    with pytest.raises(ValueError, match="vocab"), MockAsyncLM(load_tokenizer("qwen2")) as other:
+        ReplicatedLM([replicas(1)[0], other])
     with pytest.raises(ValueError, match="max_imbalance"):
-        ReplicatedLM(mocks(), max_imbalance=-1)
+        ReplicatedLM(replicas(), max_imbalance=-1)
     with pytest.raises(TypeError, match="replicas"):
         ReplicatedLM.from_name("x", replicas="2")  # type: ignore[arg-type]
 
 
-@pytest.mark.slow
 def test_two_transformers_replicas_from_name_split_the_work_and_agree_with_one():
     with ReplicatedLM.from_name(
         str(assets.smollm2_dir()), replicas=2, backend="hf", replica_opts={"hf_opts": {"dtype": torch.float32}}

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import itertools
+import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from functools import partial
 from pathlib import Path
@@ -17,6 +20,11 @@ from .prefix import Job, PrefixCachedLM
 
 # peft's name for "no adapter" in a mixed-adapter batch.
 _BASE = "__base__"
+
+# Every AsyncTransformer over one torch model holds the model's lock for a forward
+# pass: the pass hooks the model's modules, and adapters are loaded into the model.
+_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
+_INSTANCES = itertools.count()
 
 
 def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,8 +122,9 @@ class AsyncTransformer(PrefixCachedLM):
         self.timeout = float(timeout)
         # transformers 5.2x renamed `past_key_values` to `cache`.
         self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
-        self._lora_layers: list[Any] = []
-        self._find_lora_layers()
+        self._lock = _MODEL_LOCKS.setdefault(hf_model, threading.Lock())
+        # Adapters live in the model, which other instances may share: peft names are per instance.
+        self._peft_suffix = f"-genlm{next(_INSTANCES)}"
 
     @classmethod
     def from_name(
@@ -162,15 +171,18 @@ class AsyncTransformer(PrefixCachedLM):
         self._batcher.max_batch_size = value
 
     # -- LoRA adapters ------------------------------------------------------------
-    def _find_lora_layers(self) -> None:
-        """The modules that route rows by adapter name (none until peft adapters are loaded)."""
+    def _lora_layers(self) -> list[Any]:
+        """The model's modules that route rows by adapter name (none until peft
+        adapters are loaded, by this instance or another over the same model)."""
         try:
             from peft.tuners.lora import LoraLayer
             from peft.utils.other import AuxiliaryTrainingWrapper
         except ImportError:
-            self._lora_layers = []
-            return
-        self._lora_layers = [m for m in self.model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+            return []
+        return [m for m in self.model.modules() if isinstance(m, (LoraLayer, AuxiliaryTrainingWrapper))]
+
+    def _peft_name(self, adapter: Adapter) -> str:
+        return adapter.name + self._peft_suffix
 
     def _load_adapter(self, adapter: Adapter, replaced: Adapter | None) -> None:
         try:
@@ -182,10 +194,9 @@ class AsyncTransformer(PrefixCachedLM):
         with self._lock:
             if replaced is not None:
                 self._drop_adapter(replaced)
-            self.model.load_adapter(adapter.path, adapter_name=adapter.name)
+            self.model.load_adapter(adapter.path, adapter_name=self._peft_name(adapter))
             # Rows choose their adapter per forward pass; none may be switched off globally.
             self.model.enable_adapters()
-            self._find_lora_layers()
 
     def _unload_adapter(self, adapter: Adapter) -> None:
         with self._lock:
@@ -194,9 +205,8 @@ class AsyncTransformer(PrefixCachedLM):
     def _drop_adapter(self, adapter: Adapter) -> None:
         """(lock held) Delete the adapter's weights and its cached results, KV included
         (its subtree: first tokens shifted by its serial, see :meth:`_path`)."""
-        self.model.delete_adapter(adapter.name)
+        self.model.delete_adapter(self._peft_name(adapter))
         self._forget(adapter)
-        self._find_lora_layers()
 
     @contextlib.contextmanager
     def _hooks(self, adapters: Sequence[Adapter | None], last: torch.Tensor) -> Iterator[None]:
@@ -204,10 +214,11 @@ class AsyncTransformer(PrefixCachedLM):
         and keep only position ``last[b]`` of row ``b`` for the output head."""
         handles = []
         try:
-            if self._lora_layers:
-                names = [_BASE if a is None else a.name for a in adapters]
+            lora_layers = self._lora_layers()
+            if lora_layers:
+                names = [_BASE if a is None else self._peft_name(a) for a in adapters]
                 hook = partial(_adapter_names_hook, names=names)
-                handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in self._lora_layers]
+                handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in lora_layers]
             head = self.model.get_output_embeddings()
             handles.append(head.register_forward_pre_hook(partial(_last_rows_hook, last=last), with_kwargs=True))
             yield
