@@ -49,7 +49,7 @@ clients-reference: assets
 
 # No model weights (and no vLLM): a quick check while developing.
 test-fast: assets
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -m "not slow and not vllm"
 
 # The wheel in a new, empty virtual environment with only its declared dependencies.
 test-wheel: assets

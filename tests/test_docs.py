@@ -10,7 +10,8 @@ Conventions, which docs/index.md states for readers:
 - a block that cannot run here is preceded by ``<!-- skip: REASON -->`` (the
   reason is required, and shown as the skip's reason).
 
-Blocks that load model weights are marked ``slow``; the rest run in the fast tier.
+Blocks that load model weights or a transformers tokenizer are marked ``slow``;
+the rest run in the fast tier.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)(?P<attrs>.*)$")
 SKIP = re.compile(r"^\s*<!--\s*skip:(?P<reason>.*?)-->\s*$")
 # What loads model weights (the mock model reads only a tokenizer).
-LOADS_WEIGHTS = re.compile(r"load_model_by_name|AsyncTransformer|AsyncVirtualLM|AutoModel")
+LOADS_WEIGHTS = re.compile(r"load_model_by_name|AsyncTransformer|AsyncVirtualLM|AutoModel|AutoTokenizer|from_name")
 
 
 @dataclass

@@ -236,6 +236,7 @@ def test_random_vocabularies_against_reference(vocab, seed):
             np.testing.assert_array_equal(np.flatnonzero(trie.mask_prefix_of(data)), want)
 
 
+@pytest.mark.slow  # imports genlm-backend (and its vLLM module)
 @settings(max_examples=40, deadline=None, derandomize=True)
 @given(vocab=vocabs, eos_at=st.none() | st.integers(0, 60), seed=st.integers(0, 2**32 - 1))
 def test_random_vocabularies_against_genlm_backend(vocab, eos_at, seed):
