@@ -72,6 +72,11 @@ TOKENIZERS = {
 
 # Tests left out of the run, each with its reason (docs/compat.md lists them too).
 DESELECTED = {
+    "genlm-backend": {
+        "tests/test_mlx.py": "imports BatchAbandoned, an internal of genlm-backend's timer batching that "
+        "genlm-anyio leaves out (docs/compat.md), so none of its tests can be collected; and its second model, "
+        "mamba2-tiny-random, cannot be fetched here. Our tests/test_mlx.py covers the MLX backend",
+    },
     "genlm-control": {
         "tests/sampler/test_awrs.py": "AWRS's own statistics on mock potentials: never touches genlm.backend, "
         "and takes ~18 CPU-minutes of hypothesis examples here",
@@ -156,7 +161,8 @@ def _run_in(folder: Path, suite: str, reference: bool) -> Result:
         os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=pythonpath
     )
     print(f"== {suite} ({'genlm-backend' if reference else 'genlm-anyio'}): {' '.join(entry[2:])} tests", flush=True)
-    skip = [arg for test in DESELECTED.get(suite, {}) for arg in ("--deselect", test)]
+    # A whole file is left out of collection (its imports may fail); a single test is deselected.
+    skip = [f"--ignore={test}" if "::" not in test else f"--deselect={test}" for test in DESELECTED.get(suite, {})]
     for test, why in DESELECTED.get(suite, {}).items():
         print(f"   deselected {test}: {why}", flush=True)
     proc = subprocess.run(
