@@ -54,6 +54,13 @@ def hf_parts():
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path)
 
 
+@pytest.fixture
+def fresh(llm):
+    """The test module's engine ``llm`` (a module fixture) with its caches cleared."""
+    llm.clear_cache()
+    return llm
+
+
 async def ask_all_at_once(lm, seqs, order, limit: float) -> dict:
     """Caller ``i`` asks for ``seqs[order[i]]``, every caller at once, all within
     ``limit`` seconds: each caller's answer."""
@@ -67,6 +74,24 @@ async def ask_all_at_once(lm, seqs, order, limit: float) -> dict:
             for caller, k in enumerate(order):
                 tg.start_soon(ask, caller, k)
     return got
+
+
+async def answers_or_errors(lm, seqs, error: type[Exception], limit: float | None = None) -> list:
+    """Ask for every sequence of ``seqs`` at once, all within ``limit`` seconds
+    (None: no limit): for each, its log-probabilities or the ``error`` it raised."""
+    outcomes: list = [None] * len(seqs)
+
+    async def ask(i):
+        try:
+            outcomes[i] = await lm.next_token_logprobs(seqs[i])
+        except error as exc:
+            outcomes[i] = exc
+
+    with anyio.fail_after(limit):
+        async with anyio.create_task_group() as tg:
+            for i in range(len(seqs)):
+                tg.start_soon(ask, i)
+    return outcomes
 
 
 class Outcomes(list):

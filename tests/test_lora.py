@@ -58,12 +58,6 @@ def llm(lora_adapters):
         yield lm
 
 
-@pytest.fixture
-def fresh(llm):
-    llm.clear_cache()
-    return llm
-
-
 def ids_of(llm, text):
     return llm.tokenizer.encode(text)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import anyio
 import pytest
 import torch
-from conftest import assets, load_tokenizer
+from conftest import answers_or_errors, assets, load_tokenizer
 
 from genlm_anyio import AsyncTransformer, ClosedError, MockAsyncLM
 from genlm_anyio.backends.replicas import ReplicatedLM
@@ -107,20 +107,7 @@ def test_a_failing_replica_fails_only_its_callers(replicas):
     with ReplicatedLM(replicas()) as rep:
         rep.replicas[1].close()
         seqs = [[t] for t in range(300, 306)]
-        outcomes: dict[int, object] = {}
-
-        async def ask(i):
-            try:
-                outcomes[i] = await rep.next_token_logprobs(seqs[i])
-            except ClosedError as exc:
-                outcomes[i] = exc
-
-        async def main():
-            async with anyio.create_task_group() as tg:
-                for i in range(len(seqs)):
-                    tg.start_soon(ask, i)
-
-        anyio.run(main)
+        outcomes = anyio.run(answers_or_errors, rep, seqs, ClosedError)
         for i, seq in enumerate(seqs):
             if rep.replica_of(seq) == 1:
                 assert isinstance(outcomes[i], ClosedError) and "replica 1" in str(outcomes[i])

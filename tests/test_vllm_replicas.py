@@ -14,7 +14,7 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import assets, child_processes
+from conftest import answers_or_errors, assets, child_processes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.replicas import ReplicatedLM
@@ -122,21 +122,7 @@ def test_a_killed_replica_fails_only_its_callers(rep):
     engine = rep.replicas[1].engine._core.resources.engine_manager.processes[0]
     os.kill(engine.pid, signal.SIGKILL)
     seqs = [rep.tokenizer.encode(f"Sequence number {i} is") for i in range(6)]
-    outcomes: dict[int, object] = {}
-
-    async def ask(i):
-        try:
-            outcomes[i] = await rep.next_token_logprobs(seqs[i])
-        except RuntimeError as exc:
-            outcomes[i] = exc
-
-    async def main():
-        with anyio.fail_after(120):
-            async with anyio.create_task_group() as tg:
-                for i in range(len(seqs)):
-                    tg.start_soon(ask, i)
-
-    anyio.run(main)
+    outcomes = anyio.run(answers_or_errors, rep, seqs, RuntimeError, 120)
     placed = [rep.replica_of(s) for s in seqs]
     assert sorted(placed) == [0, 0, 0, 1, 1, 1]
     for i, seq in enumerate(seqs):
