@@ -54,6 +54,7 @@ MODELS = (
     "gpt2-medium",
     "gpt2",
     "HuggingFaceTB/SmolLM-135M",
+    "mlx-community/Llama-3.2-1B-Instruct-4bit",
 )
 # Hub LoRA adapters -> a toy adapter on SmolLM2 built with peft (and its merged model).
 # Hub tokenizers -> the closest local tokenizer (same family or same kind of model).
