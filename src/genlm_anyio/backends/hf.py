@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .base import Adapter, RequestFailed
-from .prefix import Job, PrefixCachedLM
+from .prefix import Job, PrefixCachedLM, positive_int
 
 # peft's name for "no adapter" in a mixed-adapter batch.
 _BASE = "__base__"
@@ -97,10 +97,7 @@ class AsyncTransformer(PrefixCachedLM):
         logprob_cache_bytes: int = 1 << 28,
         max_batch_tokens: int = 4096,
     ):
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be an int >= 1, not {batch_size!r}")
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise ValueError(f"timeout must be a number >= 0, not {timeout!r}")
+        positive_int("batch_size", batch_size)
         self.model = hf_model.eval()
         config = hf_model.config.get_text_config() if hasattr(hf_model.config, "get_text_config") else hf_model.config
         vocab_size = hf_model.get_output_embeddings().weight.shape[0]
@@ -113,13 +110,13 @@ class AsyncTransformer(PrefixCachedLM):
             (config.num_hidden_layers, heads, head_dim),
             next(hf_model.parameters()).dtype,
             self.device,
+            timeout=timeout,
             max_batch_size=batch_size,
             kv_cache_bytes=kv_cache_bytes,
             logprob_cache_size=logprob_cache_size,
             logprob_cache_bytes=logprob_cache_bytes,
             max_batch_tokens=max_batch_tokens,
         )
-        self.timeout = float(timeout)
         # transformers 5.2x renamed `past_key_values` to `cache`.
         self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
         self._lock = _MODEL_LOCKS.setdefault(hf_model, threading.Lock())
@@ -166,9 +163,7 @@ class AsyncTransformer(PrefixCachedLM):
 
     @batch_size.setter
     def batch_size(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"batch_size must be an int >= 1, not {value!r}")
-        self._batcher.max_batch_size = value
+        self._batcher.max_batch_size = positive_int("batch_size", value)
 
     # -- LoRA adapters ------------------------------------------------------------
     def _lora_layers(self) -> list[Any]:

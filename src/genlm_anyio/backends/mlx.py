@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .base import Adapter, RequestFailed
-from .prefix import Job, PrefixCachedLM
+from .prefix import Job, PrefixCachedLM, positive_int
 
 _INSTALL = "the MLX backend needs mlx and mlx-lm: pip install 'genlm-anyio[mlx]' (on Linux also 'mlx[cpu]')"
 
@@ -229,11 +229,8 @@ class AsyncMlxLM(PrefixCachedLM):
         from mlx_lm.models.cache import KVCache, make_prompt_cache
         from mlx_lm.tokenizer_utils import TokenizerWrapper
 
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise ValueError(f"timeout must be a number >= 0, not {timeout!r}")
-        for name, value in (("prefill_step_size", prefill_step_size), ("batch_size", batch_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, not {value!r}")
+        positive_int("prefill_step_size", prefill_step_size)
+        positive_int("batch_size", batch_size)
         if isinstance(cache_size, bool) or not isinstance(cache_size, int):
             raise TypeError(f"cache_size must be an int, not {type(cache_size).__name__}")
         unknown = set(cache_opts or {}) - {"move_to_cpu"}
@@ -260,13 +257,13 @@ class AsyncMlxLM(PrefixCachedLM):
             (len(probe), int(keys.shape[1]), int(keys.shape[3])),
             dtype,
             torch.device("cpu"),
+            timeout=timeout,
             max_batch_size=batch_size,
             kv_cache_bytes=kv_cache_bytes,
             logprob_cache_size=cache_size,
             logprob_cache_bytes=logprob_cache_bytes,
             max_batch_tokens=prefill_step_size,
         )
-        self.timeout = float(timeout)
         self.prefill_step_size = prefill_step_size
         self._router = _Router()
         self._lora_modules: dict[str, Any] = {}  # module name -> its RoutedLoRALinear

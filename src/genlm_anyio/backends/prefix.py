@@ -46,6 +46,13 @@ class Job:
         return self.query.ids[self.start :]
 
 
+def positive_int(name: str, value: Any) -> int:
+    """``value``, if it is an int >= 1 (a bool is not); otherwise ValueError naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, not {value!r}")
+    return value
+
+
 class PrefixCachedLM(AsyncLM):
     """An :class:`AsyncLM` whose model runs here, sharing keys and values of common
     prefixes across requests: extending a cached sequence by one token computes one
@@ -64,12 +71,17 @@ class PrefixCachedLM(AsyncLM):
         kv_dtype: torch.dtype,
         kv_device: torch.device,
         *,
+        timeout: float,
         max_batch_size: int,
         kv_cache_bytes: int,
         logprob_cache_size: int,
         logprob_cache_bytes: int,
         max_batch_tokens: int,
     ):
+        # genlm-backend's batching timer: kept as ``self.timeout``; there is no timer here.
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
+            raise ValueError(f"timeout must be a number >= 0, not {timeout!r}")
+        self.timeout = float(timeout)
         if logprob_cache_size < 0:
             raise ValueError(f"logprob_cache_size must be >= 0, not {logprob_cache_size}")
         if logprob_cache_bytes < 0:
