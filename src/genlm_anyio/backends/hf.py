@@ -9,12 +9,14 @@ import itertools
 import threading
 import weakref
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from . import shared_prefix
 from .base import Adapter, RequestFailed
 from .prefix import Job, PrefixCachedLM, positive_int
 
@@ -44,6 +46,93 @@ def _seed(kv: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
             kv.layers[layer].keys, kv.layers[layer].values = keys[layer], values[layer]
         else:
             kv.update(keys[layer], values[layer], layer)
+
+
+# The attention function that reads shared prefixes once (backends/shared_prefix.py),
+# registered in transformers' attention and mask registries under this name and
+# selected for the forward passes that plan shared prefixes.
+_SHARED_PREFIX_ATTENTION = "genlm_anyio_shared_prefix"
+# Model types whose attention modules call the registry with plain causal attention
+# (no sliding window, logit soft-capping, sinks or ALiBi) and expose ``layer_idx``.
+_SHARED_PREFIX_MODELS = frozenset({"llama", "mistral", "qwen2", "qwen3"})
+_shared_prefix_pass = threading.local()
+
+
+@dataclass
+class _SharedPrefixPass:
+    """What the attention function needs in one forward pass: per group, its rows
+    and its prefix's keys and values (``(layers, kv_heads, prefix, dim)`` each), and
+    the mask of the rows' own parts."""
+
+    groups: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+    mask: torch.Tensor
+
+
+def _shared_prefix_attention(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: Any,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    current: _SharedPrefixPass | None = getattr(_shared_prefix_pass, "current", None)
+    if current is None:
+        raise RuntimeError(f"{_SHARED_PREFIX_ATTENTION} attention runs only inside AsyncTransformer's forward passes")
+    for name in ("sliding_window", "softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise RuntimeError(f"{_SHARED_PREFIX_ATTENTION} attention does not implement {name}")
+    layer = module.layer_idx
+    groups = [(rows, keys[layer], values[layer]) for rows, keys, values in current.groups]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    return shared_prefix.attend(query, key, value, current.mask, groups, scale), None
+
+
+def _no_mask(*args: Any, **kwargs: Any) -> None:
+    return None  # the attention function builds its own mask from the pass
+
+
+def _register_shared_prefix_attention() -> bool:
+    """Register the attention function with transformers (once); False where this
+    transformers has no attention registry."""
+    try:
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface
+    except ImportError:
+        return False
+    AttentionInterface.register(_SHARED_PREFIX_ATTENTION, _shared_prefix_attention)
+    AttentionMaskInterface.register(_SHARED_PREFIX_ATTENTION, _no_mask)
+    return True
+
+
+def _reads_shared_prefixes(model: Any) -> bool:
+    """Whether ``model``'s attention can be replaced by the shared-prefix attention."""
+    config = model.config
+    if getattr(config, "model_type", None) not in _SHARED_PREFIX_MODELS:
+        return False
+    if getattr(config, "use_sliding_window", False) or (
+        getattr(config, "sliding_window", None) is not None and config.model_type == "mistral"
+    ):
+        return False
+    if getattr(config, "_attn_implementation", None) not in ("sdpa", "eager"):
+        return False  # flash or flex attention chosen by the user: keep it
+    return _register_shared_prefix_attention()
+
+
+@contextlib.contextmanager
+def _attention_implementation(model: Any, name: str, current: _SharedPrefixPass) -> Iterator[None]:
+    """(model lock held) Run ``model``'s attention through ``name`` for one pass."""
+    config = model.config
+    before = config._attn_implementation
+    config._attn_implementation = name
+    _shared_prefix_pass.current = current
+    try:
+        yield
+    finally:
+        _shared_prefix_pass.current = None
+        config._attn_implementation = before
 
 
 def _adapter_names_hook(module: Any, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
@@ -122,6 +211,9 @@ class AsyncTransformer(PrefixCachedLM):
         self._lock = _MODEL_LOCKS.setdefault(hf_model, threading.Lock())
         # Adapters live in the model, which other instances may share: peft names are per instance.
         self._peft_suffix = f"-genlm{next(_INSTANCES)}"
+        self.reads_shared_prefixes = _reads_shared_prefixes(hf_model)
+        """Whether forward passes read a prefix shared by several rows once
+        (docs/runtime.md); False for models outside the supported attention types."""
 
     @classmethod
     def from_name(
@@ -228,7 +320,13 @@ class AsyncTransformer(PrefixCachedLM):
         news = [job.new for job in jobs]
         width = max(len(n) for n in news)
         batch = len(jobs)
-        past_len = max(len(p) for p in past)
+        split = shared_prefix.plan(past) if self.reads_shared_prefixes else None
+        own = split.own if split is not None else past
+        past_len = max(len(p) for p in own)
+        if split is not None and batch * self.model.config.num_attention_heads * width * (past_len + width) > (
+            shared_prefix.MAX_OWN_SCORES
+        ):
+            split, own, past_len = None, past, max(len(p) for p in past)
 
         input_ids = torch.zeros((batch, width), dtype=torch.long)
         position_ids = torch.zeros((batch, width), dtype=torch.long)
@@ -236,21 +334,28 @@ class AsyncTransformer(PrefixCachedLM):
         for b, (p, n) in enumerate(zip(past, news)):
             input_ids[b, : len(n)] = torch.tensor(n)
             position_ids[b, : len(n)] = torch.arange(len(p), len(p) + len(n))
-            mask[b, : len(p)] = 1
+            mask[b, : len(own[b])] = 1
             mask[b, past_len : past_len + len(n)] = 1
         kv = DynamicCache()
         if past_len:
-            keys, values = self.kv_cache.gather(past)
+            keys, values = self.kv_cache.gather(own)
             _seed(kv, keys, values)
         last = torch.tensor([len(n) - 1 for n in news])
-        with self._hooks([job.query.adapter for job in jobs], last):
-            outputs = self.model(
-                input_ids=input_ids.to(self.device),
-                attention_mask=mask.to(self.device),
-                position_ids=position_ids.to(self.device),
-                use_cache=True,
-                **{self._cache_arg: kv},
-            )
+        inputs = {
+            "input_ids": input_ids.to(self.device),
+            "position_ids": position_ids.to(self.device),
+            "use_cache": True,
+            self._cache_arg: kv,
+        }
+        with contextlib.ExitStack() as stack:
+            if split is None:
+                inputs["attention_mask"] = mask.to(self.device)
+            else:
+                stack.enter_context(
+                    _attention_implementation(self.model, _SHARED_PREFIX_ATTENTION, self._pass(split, width))
+                )
+            stack.enter_context(self._hooks([job.query.adapter for job in jobs], last))
+            outputs = self.model(**inputs)
         logits = outputs.logits
         del outputs
         if logits.shape[1] != 1:  # the model bypassed its output-embedding module (and the hook)
@@ -271,6 +376,16 @@ class AsyncTransformer(PrefixCachedLM):
             for part in (0, 1)
         )
         return logprobs, keys, values
+
+    def _pass(self, split: shared_prefix.Plan, width: int) -> _SharedPrefixPass:
+        """The shared prefixes' keys and values, gathered once per group, and the own parts' mask."""
+        groups = []
+        for group in split.groups:
+            keys, values = self.kv_cache.gather([group.slots])  # (layers, 1, kv_heads, prefix, dim)
+            rows = torch.tensor(group.rows, device=self.device)
+            groups.append((rows, keys[:, 0], values[:, 0]))
+        mask = shared_prefix.own_mask([len(o) for o in split.own], split.own_length, width, self.device)
+        return _SharedPrefixPass(groups, mask)
 
     # -- uncached ---------------------------------------------------------------------
     def next_token_logprobs_uncached(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
