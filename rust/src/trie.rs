@@ -17,6 +17,8 @@
 //!   are one run of the entries sorted by (symbols, index). Navigation and
 //!   masks use it; reductions use the public one.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 const NONE: u32 = u32::MAX;
@@ -169,52 +171,123 @@ impl Reduce for LogSumExp {
     }
 }
 
+/// Items grouped by an index, as one table (compressed sparse rows): group
+/// `g`'s items are `items[start[g]..start[g + 1]]`, in the order they were given.
+#[derive(Debug, Clone)]
+struct Groups {
+    /// Where each group starts in `items` (one entry per group, plus the end).
+    start: Vec<u32>,
+    items: Vec<u32>,
+}
+
+impl Groups {
+    /// `n` groups of the `(group, item)` pairs, each group's items in the order given.
+    fn of_pairs(n: usize, pairs: impl Iterator<Item = (u32, u32)> + Clone) -> Groups {
+        let mut start = vec![0u32; n + 1];
+        for (g, _) in pairs.clone() {
+            start[g as usize + 1] += 1;
+        }
+        for g in 0..n {
+            start[g + 1] += start[g];
+        }
+        let mut next = start.clone();
+        let mut items = vec![0u32; start[n] as usize];
+        for (g, item) in pairs {
+            let slot = &mut next[g as usize];
+            items[*slot as usize] = item;
+            *slot += 1;
+        }
+        Groups { start, items }
+    }
+
+    /// The positions in `items` of groups `first..last` (one run, as they are consecutive).
+    fn span(&self, first: u32, last: u32) -> Range<usize> {
+        self.start[first as usize] as usize..self.start[last as usize] as usize
+    }
+
+    fn range(&self, g: u32) -> Range<usize> {
+        self.span(g, g + 1)
+    }
+
+    fn of(&self, g: u32) -> &[u32] {
+        &self.items[self.range(g)]
+    }
+}
+
 /// The trie; see the module documentation for the two numberings.
+///
+/// Field names say what indexes an array and what it holds:
+/// `<index>_<what>`, where the index is a `lex` node, a public `node`, a
+/// `token` (a vocabulary entry) or a `chain`, and the value is named after what
+/// it is (`token_leaf[t]`: the leaf of entry `t`; `lex_node[x]`: the public node
+/// of lex node `x`). A [`Groups`] field lists several per index
+/// (`lex_children.of(x)`: the lex children of `x`).
 #[derive(Debug, Clone)]
 pub struct Trie {
-    // -- the lexicographic prefix trie ("lex" ids) --
+    // -- lex nodes --
     /// Parent of each lex node (the root is its own parent).
     lex_parent: Vec<u32>,
     /// The symbol on the edge into each lex node (0 for the root).
-    lex_sym: Vec<u32>,
+    lex_symbol: Vec<u32>,
     /// One past the last lex node of each lex node's subtree.
-    lex_end: Vec<u32>,
-    /// Children of lex node `n`: `child_sym/child_lex[child_start[n]..child_start[n + 1]]`.
-    child_start: Vec<u32>,
-    child_sym: Vec<u32>,
-    child_lex: Vec<u32>,
-    /// Entries in (symbols, index) order, i.e. grouped by lex node in preorder.
-    sorted_tokens: Vec<u32>,
-    /// The position of each entry in `sorted_tokens`.
-    token_rank: Vec<u32>,
-    /// `tok_lo[n]`: how many entries end at lex nodes below `n` (length L + 1).
-    tok_lo: Vec<u32>,
+    lex_subtree_end: Vec<u32>,
+    /// The children of each lex node, in increasing symbol (and lex id) order.
+    lex_children: Groups,
+    /// The symbol of each child in `lex_children.items`.
+    lex_children_symbol: Vec<u32>,
+    /// The entries whose full string is each lex node's prefix; `items` holds
+    /// every entry in (symbols, index) order, so the entries under lex node `x`
+    /// are the run `lex_tokens.span(x, lex_subtree_end[x])`.
+    lex_tokens: Groups,
+    /// The public node of each lex node.
+    lex_node: Vec<u32>,
+    // -- entries --
     /// The lex node of each entry's full string.
     token_lex: Vec<u32>,
-    // -- the public numbering --
-    /// The public id of each lex node.
-    lex_node: Vec<u32>,
-    /// The lex node of each public node (NONE for leaves).
+    /// The position of each entry in `lex_tokens.items`.
+    token_rank: Vec<u32>,
+    /// The leaf of each entry.
+    token_leaf: Vec<u32>,
+    /// The chain of each entry's leaf.
+    token_chain: Vec<u32>,
+    // -- public nodes --
+    /// Parent of each node (the root is its own parent).
+    node_parent: Vec<u32>,
+    /// The children of each node, in increasing id order.
+    node_children: Groups,
+    /// The lex node of each prefix node (NONE for leaves).
     node_lex: Vec<u32>,
     /// The entry of each leaf (NONE for prefix nodes).
     node_token: Vec<u32>,
-    /// The leaf of each entry.
-    token_leaf: Vec<u32>,
-    /// Parent of each node (the root is its own parent).
-    node_parent: Vec<u32>,
-    /// Children of node `n` in increasing id order: `kids[kid_start[n]..kid_start[n + 1]]`.
-    kid_start: Vec<u32>,
-    kids: Vec<u32>,
+    /// The chain each node belongs to.
+    node_chain: Vec<u32>,
+    // -- chains --
     /// Chains: maximal runs of consecutive nodes in which every node but the
     /// first has exactly one child (the node before it), so all of a chain's
     /// nodes have the same entries under them. Reductions compute one value per
-    /// chain. Chains are numbered in node order, so a
-    /// chain's parent chain has a larger id and the root's chain is the last.
+    /// chain. Chains are numbered in node order, so a chain's parent chain has
+    /// a larger id and the root's chain is the last.
     chain_parent: Vec<u32>,
-    node_chain: Vec<u32>,
-    token_chain: Vec<u32>,
     /// The first duplicate entry `(earlier, later)`, with `later` as small as possible.
     duplicate: Option<(usize, usize)>,
+}
+
+/// The lexicographic prefix trie of a vocabulary (see [`lex_prefixes`]).
+struct LexPrefixes {
+    parent: Vec<u32>,
+    symbol: Vec<u32>,
+    subtree_end: Vec<u32>,
+    /// The lex node of each entry's full string.
+    token_lex: Vec<u32>,
+}
+
+/// The public numbering's nodes and their links, laid out from the lex trie.
+struct PublicNodes {
+    lex_node: Vec<u32>,
+    token_leaf: Vec<u32>,
+    node_parent: Vec<u32>,
+    node_lex: Vec<u32>,
+    node_token: Vec<u32>,
 }
 
 impl Trie {
@@ -227,160 +300,41 @@ impl Trie {
     /// `keys[i]` saying when entry `i` duplicates another (see [`Trie::duplicate`]).
     pub fn from_words<S: Symbol>(words: &[&[S]], keys: &[WordKey]) -> Trie {
         assert_eq!(words.len(), keys.len(), "one key per word");
-        let v = words.len();
-        let mut order: Vec<u32> = (0..v as u32).collect();
-        order.par_sort_unstable_by(|&a, &b| words[a as usize].cmp(words[b as usize]).then(a.cmp(&b)));
-
-        // The lexicographic trie, in one pass over the sorted entries.
-        let mut lex_parent = vec![0u32];
-        let mut lex_sym = vec![0u32];
-        let mut lex_end = vec![0u32];
-        let mut token_lex = vec![0u32; v];
-        // `path[d]` is the lex node of the current prefix of length d.
-        let mut path: Vec<u32> = vec![0];
-        let mut prev: &[S] = &[];
-        for &t in &order {
-            let word = words[t as usize];
-            let common = word.iter().zip(prev).take_while(|(a, b)| a == b).count();
-            for &closed in &path[common + 1..] {
-                lex_end[closed as usize] = lex_parent.len() as u32;
-            }
-            path.truncate(common + 1);
-            for &s in &word[common..] {
-                let id = lex_parent.len() as u32;
-                lex_parent.push(*path.last().unwrap());
-                lex_sym.push(s.into());
-                lex_end.push(0);
-                path.push(id);
-            }
-            token_lex[t as usize] = *path.last().unwrap();
-            prev = word;
-        }
-        let l = lex_parent.len();
-        for &open in &path {
-            lex_end[open as usize] = l as u32;
-        }
-
-        // Lex children, in increasing lex id and hence symbol order.
-        let child_start = prefix_counts(l, lex_parent[1..].iter().map(|&p| p as usize));
-        let mut fill = child_start.clone();
-        let mut child_sym = vec![0u32; l - 1];
-        let mut child_lex = vec![0u32; l - 1];
-        for c in 1..l {
-            let slot = &mut fill[lex_parent[c] as usize];
-            child_sym[*slot as usize] = lex_sym[c];
-            child_lex[*slot as usize] = c as u32;
-            *slot += 1;
-        }
-        let tok_lo = prefix_counts(l, token_lex.iter().map(|&n| n as usize));
-        let mut token_rank = vec![0u32; v];
-        for (r, &t) in order.iter().enumerate() {
-            token_rank[t as usize] = r as u32;
-        }
+        let order = sorted_order(words);
         let duplicate = find_duplicate(words, keys, &order);
-
-        // The public numbering. `first[n]`: the smallest entry under lex node n,
-        // which orders it among its siblings; `size[n]`: the public nodes in its
-        // subtree (prefix nodes and leaves).
-        let at = |n: usize| &order[tok_lo[n] as usize..tok_lo[n + 1] as usize];
-        let mut first: Vec<u32> = (0..l).map(|n| at(n).first().copied().unwrap_or(NONE)).collect();
-        let mut size: Vec<u32> = (0..l).map(|n| 1 + at(n).len() as u32).collect();
-        for n in (1..l).rev() {
-            let p = lex_parent[n] as usize;
-            first[p] = first[p].min(first[n]);
-            size[p] += size[n];
+        let lex = lex_prefixes(words, &order);
+        let l = lex.parent.len();
+        let lex_children = Groups::of_pairs(l, (1..l as u32).map(|c| (lex.parent[c as usize], c)));
+        let lex_children_symbol = lex_children.items.iter().map(|&c| lex.symbol[c as usize]).collect();
+        // `order` is grouped by lex node already (lex ids follow the sorted strings).
+        let lex_tokens = Groups::of_pairs(l, order.iter().map(|&t| (lex.token_lex[t as usize], t)));
+        let mut token_rank = vec![0u32; words.len()];
+        for (rank, &t) in lex_tokens.items.iter().enumerate() {
+            token_rank[t as usize] = rank as u32;
         }
-        let num_nodes = size[0] as usize;
-        // Each lex node's subtree takes the id range [start, start + size); its
-        // children's ranges come first, in order, and the node itself last.
-        let mut start = vec![0u32; l];
-        let mut lex_node = vec![0u32; l];
-        let mut token_leaf = vec![0u32; v];
-        let mut parts: Vec<(u32, bool, u32)> = Vec::new();
-        for x in 0..l {
-            let mut cursor = start[x];
-            let (lo, hi) = (child_start[x] as usize, child_start[x + 1] as usize);
-            if lo == hi {
-                for &t in at(x) {
-                    token_leaf[t as usize] = cursor;
-                    cursor += 1;
-                }
-                lex_node[x] = cursor;
-                continue;
-            }
-            parts.clear();
-            parts.extend(at(x).iter().map(|&t| (t, true, t)));
-            parts.extend(child_lex[lo..hi].iter().map(|&c| (first[c as usize], false, c)));
-            parts.sort_unstable_by_key(|p| p.0);
-            for &(_, leaf, id) in &parts {
-                if leaf {
-                    token_leaf[id as usize] = cursor;
-                    cursor += 1;
-                } else {
-                    start[id as usize] = cursor;
-                    cursor += size[id as usize];
-                }
-            }
-            lex_node[x] = start[x] + size[x] - 1;
-        }
-
-        let root = (num_nodes - 1) as u32;
-        let mut node_lex = vec![NONE; num_nodes];
-        let mut node_token = vec![NONE; num_nodes];
-        let mut node_parent = vec![root; num_nodes];
-        for x in 0..l {
-            node_lex[lex_node[x] as usize] = x as u32;
-            node_parent[lex_node[x] as usize] = lex_node[lex_parent[x] as usize];
-        }
-        for t in 0..v {
-            node_token[token_leaf[t] as usize] = t as u32;
-            node_parent[token_leaf[t] as usize] = lex_node[token_lex[t] as usize];
-        }
-        let kid_start = prefix_counts(num_nodes, node_parent[..num_nodes - 1].iter().map(|&p| p as usize));
-        let mut fill = kid_start.clone();
-        let mut kids = vec![0u32; num_nodes - 1];
-        for c in 0..num_nodes - 1 {
-            let slot = &mut fill[node_parent[c] as usize];
-            kids[*slot as usize] = c as u32;
-            *slot += 1;
-        }
-
-        let mut node_chain = vec![0u32; num_nodes];
-        let mut chain_top: Vec<u32> = Vec::new();
-        for c in 0..num_nodes {
-            if kid_start[c + 1] - kid_start[c] == 1 {
-                // Its only child is the node just before it (postorder).
-                node_chain[c] = node_chain[c - 1];
-                *chain_top.last_mut().unwrap() = c as u32;
-            } else {
-                node_chain[c] = chain_top.len() as u32;
-                chain_top.push(c as u32);
-            }
-        }
-        let chain_parent: Vec<u32> =
-            chain_top.iter().map(|&top| node_chain[node_parent[top as usize] as usize]).collect();
-        let token_chain = token_leaf.iter().map(|&leaf| node_chain[leaf as usize]).collect();
+        let public = public_nodes(&lex, &lex_children, &lex_tokens);
+        let n = public.node_parent.len();
+        let node_children = Groups::of_pairs(n, (0..n as u32 - 1).map(|c| (public.node_parent[c as usize], c)));
+        let (node_chain, chain_parent) = chains(&node_children, &public.node_parent);
+        let token_chain = public.token_leaf.iter().map(|&leaf| node_chain[leaf as usize]).collect();
         Trie {
-            lex_parent,
-            lex_sym,
-            lex_end,
-            child_start,
-            child_sym,
-            child_lex,
-            sorted_tokens: order,
+            lex_parent: lex.parent,
+            lex_symbol: lex.symbol,
+            lex_subtree_end: lex.subtree_end,
+            lex_children,
+            lex_children_symbol,
+            lex_tokens,
+            lex_node: public.lex_node,
+            token_lex: lex.token_lex,
             token_rank,
-            tok_lo,
-            token_lex,
-            lex_node,
-            node_lex,
-            node_token,
-            token_leaf,
-            node_parent,
-            kid_start,
-            kids,
-            chain_parent,
-            node_chain,
+            token_leaf: public.token_leaf,
             token_chain,
+            node_parent: public.node_parent,
+            node_children,
+            node_lex: public.node_lex,
+            node_token: public.node_token,
+            node_chain,
+            chain_parent,
             duplicate,
         }
     }
@@ -408,14 +362,13 @@ impl Trie {
 
     /// The children of `node`, in increasing id order (leaves included).
     pub fn children(&self, node: u32) -> &[u32] {
-        let n = node as usize;
-        &self.kids[self.kid_start[n] as usize..self.kid_start[n + 1] as usize]
+        self.node_children.of(node)
     }
 
     /// The symbol on the edge into `node`; None for the root and for leaves.
     pub fn symbol(&self, node: u32) -> Option<u32> {
         let lx = self.node_lex[node as usize];
-        (lx != NONE && lx != 0).then(|| self.lex_sym[lx as usize])
+        (lx != NONE && lx != 0).then(|| self.lex_symbol[lx as usize])
     }
 
     /// The entry whose leaf `node` is; None for prefix nodes.
@@ -434,8 +387,9 @@ impl Trie {
     }
 
     fn lex_child(&self, lx: u32, s: u32) -> Option<u32> {
-        let (lo, hi) = (self.child_start[lx as usize] as usize, self.child_start[lx as usize + 1] as usize);
-        self.child_sym[lo..hi].binary_search(&s).ok().map(|i| self.child_lex[lo + i])
+        let slots = self.lex_children.range(lx);
+        let at = self.lex_children_symbol[slots.clone()].binary_search(&s).ok()?;
+        Some(self.lex_children.items[slots.start + at])
     }
 
     fn lex_of(&self, prefix: impl IntoIterator<Item = u32>) -> Option<u32> {
@@ -474,7 +428,7 @@ impl Trie {
         let mut lx = self.lex_at(node);
         let mut out = Vec::new();
         while lx != 0 {
-            out.push(self.lex_sym[lx as usize]);
+            out.push(self.lex_symbol[lx as usize]);
             lx = self.lex_parent[lx as usize];
         }
         out.reverse();
@@ -483,7 +437,7 @@ impl Trie {
 
     /// Entries in (symbols, index) order.
     pub fn sorted_tokens(&self) -> &[u32] {
-        &self.sorted_tokens
+        &self.lex_tokens.items
     }
 
     /// The entries under `node` as a range of [`Trie::sorted_tokens`].
@@ -493,18 +447,21 @@ impl Trie {
                 let r = self.token_rank[self.node_token[node as usize] as usize] as usize;
                 (r, r + 1)
             }
-            lx => (self.tok_lo[lx as usize] as usize, self.tok_lo[self.lex_end[lx as usize] as usize] as usize),
+            lx => {
+                let run = self.lex_tokens.span(lx, self.lex_subtree_end[lx as usize]);
+                (run.start, run.end)
+            }
         }
     }
 
     pub fn tokens_under(&self, node: u32) -> &[u32] {
         let (lo, hi) = self.tokens_under_range(node);
-        &self.sorted_tokens[lo..hi]
+        &self.lex_tokens.items[lo..hi]
     }
 
     /// The entries whose string ends at lex node `lx`.
     fn lex_tokens_at(&self, lx: u32) -> &[u32] {
-        &self.sorted_tokens[self.tok_lo[lx as usize] as usize..self.tok_lo[lx as usize + 1] as usize]
+        self.lex_tokens.of(lx)
     }
 
     fn check_len(&self, what: &str, got: usize, want: usize) -> Result<(), TrieError> {
@@ -664,9 +621,9 @@ impl Trie {
             for &t in self.lex_tokens_at(lx) {
                 out[t as usize] = 1;
             }
-            let (lo, hi) = (self.child_start[lx as usize] as usize, self.child_start[lx as usize + 1] as usize);
+            let slots = self.lex_children.range(lx);
             let row = &transitions[s * 256..(s + 1) * 256];
-            for (&sym, &child) in self.child_sym[lo..hi].iter().zip(&self.child_lex[lo..hi]) {
+            for (&sym, &child) in self.lex_children_symbol[slots.clone()].iter().zip(&self.lex_children.items[slots]) {
                 let Some(&next) = row.get(sym as usize) else { break };
                 let next: i64 = next.into();
                 if next >= 0 && live[next as usize] {
@@ -676,18 +633,6 @@ impl Trie {
         }
         Ok(())
     }
-}
-
-/// `counts[i]` = how many of `items` are below `i`, for i in 0..=n (a CSR offset table).
-fn prefix_counts(n: usize, items: impl Iterator<Item = usize>) -> Vec<u32> {
-    let mut counts = vec![0u32; n + 1];
-    for i in items {
-        counts[i + 1] += 1;
-    }
-    for i in 0..n {
-        counts[i + 1] += counts[i];
-    }
-    counts
 }
 
 /// See [`Trie::duplicate`]; `order` sorts the entries by (symbols, index).
@@ -715,4 +660,123 @@ fn find_duplicate<S: Symbol>(words: &[&[S]], keys: &[WordKey], order: &[u32]) ->
         i = j;
     }
     best
+}
+
+/// The entries in (symbols, index) order.
+fn sorted_order<S: Symbol>(words: &[&[S]]) -> Vec<u32> {
+    let mut order: Vec<u32> = (0..words.len() as u32).collect();
+    order.par_sort_unstable_by(|&a, &b| words[a as usize].cmp(words[b as usize]).then(a.cmp(&b)));
+    order
+}
+
+/// The lexicographic prefix trie, in one pass over the entries in `order`
+/// (sorted by [`sorted_order`]): each entry opens the lex nodes of the symbols
+/// after its longest common prefix with the one before it, and closes the
+/// subtrees of the previous entry's nodes below that prefix.
+fn lex_prefixes<S: Symbol>(words: &[&[S]], order: &[u32]) -> LexPrefixes {
+    let mut lex =
+        LexPrefixes { parent: vec![0], symbol: vec![0], subtree_end: vec![0], token_lex: vec![0; words.len()] };
+    // `path[d]` is the lex node of the current prefix of length d.
+    let mut path: Vec<u32> = vec![0];
+    let mut prev: &[S] = &[];
+    for &t in order {
+        let word = words[t as usize];
+        let common = word.iter().zip(prev).take_while(|(a, b)| a == b).count();
+        for &closed in &path[common + 1..] {
+            lex.subtree_end[closed as usize] = lex.parent.len() as u32;
+        }
+        path.truncate(common + 1);
+        for &s in &word[common..] {
+            let id = lex.parent.len() as u32;
+            lex.parent.push(*path.last().unwrap());
+            lex.symbol.push(s.into());
+            lex.subtree_end.push(0);
+            path.push(id);
+        }
+        lex.token_lex[t as usize] = *path.last().unwrap();
+        prev = word;
+    }
+    let l = lex.parent.len() as u32;
+    for &open in &path {
+        lex.subtree_end[open as usize] = l;
+    }
+    lex
+}
+
+/// The public numbering, laid out top-down: each lex node's subtree takes the
+/// id range `[start, start + size)`, its parts (its children's subtrees and the
+/// leaves of the entries ending at it) in the order of their smallest entry,
+/// and the node itself last.
+fn public_nodes(lex: &LexPrefixes, lex_children: &Groups, lex_tokens: &Groups) -> PublicNodes {
+    let (l, v) = (lex.parent.len(), lex.token_lex.len());
+    // `first[x]`: the smallest entry under lex node x, which orders it among its
+    // siblings; `size[x]`: the public nodes in its subtree (prefix nodes and leaves).
+    let mut first: Vec<u32> = (0..l as u32).map(|x| lex_tokens.of(x).iter().copied().min().unwrap_or(NONE)).collect();
+    let mut size: Vec<u32> = (0..l as u32).map(|x| 1 + lex_tokens.of(x).len() as u32).collect();
+    for x in (1..l).rev() {
+        let p = lex.parent[x] as usize;
+        first[p] = first[p].min(first[x]);
+        size[p] += size[x];
+    }
+    let mut start = vec![0u32; l];
+    let mut lex_node = vec![0u32; l];
+    let mut token_leaf = vec![0u32; v];
+    // (smallest entry, is a leaf, entry or lex child) of each part of one node.
+    let mut parts: Vec<(u32, bool, u32)> = Vec::new();
+    for x in 0..l as u32 {
+        let mut cursor = start[x as usize];
+        parts.clear();
+        parts.extend(lex_tokens.of(x).iter().map(|&t| (t, true, t)));
+        parts.extend(lex_children.of(x).iter().map(|&c| (first[c as usize], false, c)));
+        parts.sort_unstable_by_key(|p| p.0);
+        for &(_, leaf, id) in &parts {
+            if leaf {
+                token_leaf[id as usize] = cursor;
+                cursor += 1;
+            } else {
+                start[id as usize] = cursor;
+                cursor += size[id as usize];
+            }
+        }
+        lex_node[x as usize] = cursor;
+    }
+    let num_nodes = size[0] as usize;
+    let root = (num_nodes - 1) as u32;
+    let mut public = PublicNodes {
+        node_parent: vec![root; num_nodes],
+        node_lex: vec![NONE; num_nodes],
+        node_token: vec![NONE; num_nodes],
+        lex_node,
+        token_leaf,
+    };
+    for x in 0..l {
+        let node = public.lex_node[x] as usize;
+        public.node_lex[node] = x as u32;
+        public.node_parent[node] = public.lex_node[lex.parent[x] as usize];
+    }
+    for t in 0..v {
+        let leaf = public.token_leaf[t] as usize;
+        public.node_token[leaf] = t as u32;
+        public.node_parent[leaf] = public.lex_node[lex.token_lex[t] as usize];
+    }
+    public
+}
+
+/// Each node's chain and each chain's parent chain (chains: see `Trie::chain_parent`).
+fn chains(node_children: &Groups, node_parent: &[u32]) -> (Vec<u32>, Vec<u32>) {
+    let n = node_parent.len();
+    let mut node_chain = vec![0u32; n];
+    let mut chain_top: Vec<u32> = Vec::new();
+    for c in 0..n as u32 {
+        if node_children.of(c).len() == 1 {
+            // Its only child is the node just before it (postorder).
+            node_chain[c as usize] = node_chain[c as usize - 1];
+            *chain_top.last_mut().unwrap() = c;
+        } else {
+            node_chain[c as usize] = chain_top.len() as u32;
+            chain_top.push(c);
+        }
+    }
+    let chain_parent = chain_top.iter().map(|&top| node_chain[node_parent[top as usize] as usize]).collect();
+    (node_chain, chain_parent)
 }
