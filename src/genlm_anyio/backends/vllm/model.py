@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from .base import Adapter, AsyncLM, SampleRequest, TokenIds
-from .vllm_engine import Request, VLLMEngine
+from ..base import Adapter, AsyncLM, SampleRequest, TokenIds
+from .engine import Request, VLLMEngine
 
 
 class AsyncVirtualLM(AsyncLM):
@@ -25,11 +25,13 @@ class AsyncVirtualLM(AsyncLM):
     share a session.
 
     Args:
-        engine: a :class:`~genlm_anyio.backends.vllm_engine.VLLMEngine`, or a
+        engine: a :class:`~genlm_anyio.backends.vllm.engine.VLLMEngine`, or a
             vLLM ``LLMEngine`` built with ``max_logprobs=-1`` and
             ``logprobs_mode="raw_logprobs"`` (and, for log-probabilities without
             vLLM's sort over the vocabulary, ``logits_processors`` holding
-            :class:`~genlm_anyio.backends.vllm_logprobs.FullLogprobs`; ``from_name`` adds it).
+            :class:`~genlm_anyio.backends.vllm.capture.FullLogprobs`, or
+            :class:`~genlm_anyio.backends.vllm.capture.FullLogprobsV2` on vLLM's
+            V2 model runner; ``from_name`` adds the right one).
         max_batch_size: most requests handed to the engine at once; at most the
             engine's request slots (``max_num_seqs``), since each request of a
             batch holds one until the batch ends.
@@ -46,17 +48,30 @@ class AsyncVirtualLM(AsyncLM):
         )
 
     @classmethod
-    def from_name(cls, model_name: str, engine_opts: dict[str, Any] | None = None, **opts: Any) -> AsyncVirtualLM:
+    def from_name(
+        cls,
+        model_name: str,
+        engine_opts: dict[str, Any] | None = None,
+        *,
+        multiprocess: bool | None = None,
+        **opts: Any,
+    ) -> AsyncVirtualLM:
         """Start a vLLM engine for ``model_name`` (a hub id or a local folder).
 
         ``engine_opts`` are ``vllm.EngineArgs`` fields (``tensor_parallel_size``,
         ``dtype``, ``gpu_memory_utilization``, ``max_model_len``, ``enable_lora``,
         ``max_lora_rank``, ...); prefix caching is on unless they turn it off.
-        ``opts`` go to the constructor.
+        ``multiprocess`` runs vLLM's engine core in a process of its own (True)
+        or in this one (False); by default, ``VLLM_ENABLE_V1_MULTIPROCESSING``
+        where it is set, else this process for an engine with one worker (its
+        log-probability rows then never leave this process) and a process of
+        its own for several. ``opts`` go to the constructor.
         """
         if engine_opts is not None and not isinstance(engine_opts, dict):
             raise TypeError(f"engine_opts must be a dict or None, not {type(engine_opts).__name__}")
-        return cls(VLLMEngine.from_options(model_name, dict(engine_opts or {})), **opts)
+        if multiprocess is not None and not isinstance(multiprocess, bool):
+            raise TypeError(f"multiprocess must be a bool or None, not {type(multiprocess).__name__}")
+        return cls(VLLMEngine.from_options(model_name, dict(engine_opts or {}), multiprocess=multiprocess), **opts)
 
     def _ids(self, token_ids: Any, name: str = "token_ids") -> TokenIds:
         ids = super()._ids(token_ids, name)
