@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# GPU checks and measurements on a fresh CUDA machine (under 8 minutes on an H100):
+# GPU checks and measurements on a fresh CUDA machine (about 12 minutes on an H100):
 # the CUDA tests of the transformers backend and the parallel trie, the vLLM tests
-# when vLLM is installed there, then the SIS benchmark (N = 64 and 256 particles x 64
-# tokens, SmolLM2-135M's shape and a ~1B Llama, random weights) in tokens/s.
+# when vLLM is installed there, the SIS benchmark (N = 64 and 256 particles x 64
+# tokens, SmolLM2-135M's shape and a ~1B Llama, random weights) in tokens/s, then
+# the workload benchmark (benches/bench_workloads.py) at GPU sizes: 256 particles x
+# 32 tokens after 16- and 4,096-token prompts on the random-weight 1B Llama, beside
+# the hand-written loop, and vLLM's LLM.generate and genlm-backend where installed.
+# Its results go to $RESULTS (default $OUT/workloads-gpu.json, or /tmp/ without $OUT).
 #
 # The machine needs torch with CUDA, transformers, tokenizers, numpy and anyio; it
 # fetches nothing. Prepare here with `make gpu-assets` (the SmolLM2 tokenizer into
@@ -25,11 +29,30 @@ PYEOF
 echo "== CUDA tests"
 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py
 if $PY -c "import vllm" 2>/dev/null; then
+    # The vLLM tests that need no model weights (the SmolLM2 weights do not travel):
+    # the V2 logits processor, the processor and engine-process choice, the vLLM names used.
     echo "== vLLM tests"
-    $PY -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm.py
+    $PY -m pytest -q -p no:cacheprovider -m vllm tests/test_vllm_capture.py tests/test_vllm_internals.py
+    # End to end on a random-weight model of SmolLM2's shape, the engine core in this process
+    # (vLLM's V2 model runner): the capture found, no row crossing a process, captured rows
+    # equal to logprobs=-1's within 1e-6; then SIS at 256 x 64 beside LLM.generate in its own
+    # process on the same model (both engines share the GPU: 0.4 of its memory each).
+    echo "== vLLM checks and SIS beside LLM.generate"
+    timeout 300 $PY benches/bench_vllm.py --check --model random:smollm2 --tokenizer "$GENLM_ANYIO_TOKENIZER" \
+        --engines "${VLLM_ENGINES:-in-process}" --sizes "${VLLM_SIZES:-256x64}" --dtype bfloat16 --block-size 16 \
+        --engine '{"gpu_memory_utilization": 0.4}' --out "${VLLM_RESULTS:-${OUT:-/tmp}/vllm-gpu.json}"
 else
-    echo "== vLLM tests: skipped, vllm is not installed on this machine"
+    echo "== vLLM tests and checks: skipped, vllm is not installed on this machine"
 fi
 
 echo "== SIS benchmark"
 timeout 330 $PY benches/gpu_sis.py --tokenizer "$GENLM_ANYIO_TOKENIZER" --device cuda --sizes "${SIZES:-64x64,256x64}"
+
+echo "== Workload benchmark"
+systems=genlm-anyio,hf-loop
+$PY -c "import genlm.backend" 2>/dev/null && systems=$systems,genlm-backend,genlm-backend-n
+$PY -c "import vllm" 2>/dev/null && systems=$systems,vllm
+timeout 420 $PY benches/bench_workloads.py --model random:llama-1b --tokenizer "$GENLM_ANYIO_TOKENIZER" \
+    --device cuda --dtype bfloat16 --grid "${GRID:-16x256,4096x256}" --tokens 32 --control "" \
+    --systems "$systems" --max-kv-gb 60 --vllm-engine '{"gpu_memory_utilization": 0.5}' \
+    --out "${RESULTS:-${OUT:-/tmp}/workloads-gpu.json}"
