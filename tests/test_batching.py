@@ -251,6 +251,38 @@ def test_bad_limits_are_refused():
         Batcher(Recorder(), max_batch_size=0)
     with pytest.raises(ValueError, match="max_batch_tokens"):
         Batcher(Recorder(), max_batch_tokens=0)
+    # One rule (genlm_anyio.checks): a wrong type is a TypeError, a wrong value a ValueError.
+    with pytest.raises(TypeError, match="max_batch_tokens"):
+        Batcher(Recorder(), max_batch_tokens="8")
+    with pytest.raises(TypeError, match="max_batch_size"):
+        Batcher(Recorder(), max_batch_size=2.0)
+    batcher = Batcher(Recorder())
+    with pytest.raises(TypeError, match="max_batch_size"):
+        batcher.max_batch_size = True
+    batcher.close()
+
+
+def test_a_request_is_sized_when_its_batch_is_taken(backend):
+    """The size may depend on what earlier batches computed (an engine sizes a
+    request by its uncached tokens): it is read when the batch is taken."""
+    rec = Recorder()
+    sizes = dict.fromkeys(range(1, 5), 5)
+    batcher = Batcher(rec, max_batch_tokens=8, size=lambda k: sizes[k])
+    rec.gate.clear()
+
+    async def main():
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(batcher.submit, 1)
+            await anyio.to_thread.run_sync(rec.started.wait, 10)
+            for k in (2, 3, 4):  # queued behind the running batch at size 5 each
+                tg.start_soon(batcher.submit, k)
+            await anyio.sleep(0.05)
+            sizes.update({2: 1, 3: 1, 4: 1})  # what the running batch computes
+            rec.gate.set()
+
+    run(backend, main)
+    assert [sorted(b) for b in rec.batches] == [[1], [2, 3, 4]]  # sized at 5 each, they would go one by one
+    batcher.close()
 
 
 # -- regressions (issue 8) -----------------------------------------------------------

@@ -42,6 +42,8 @@ import anyio
 import anyio.lowlevel
 import sniffio
 
+from .checks import positive_int
+
 K = TypeVar("K", bound=Hashable)
 R = TypeVar("R")
 
@@ -71,11 +73,10 @@ class BatchStats:
 
 
 class _Request(Generic[K, R]):
-    __slots__ = ("done", "error", "key", "result", "seq", "size", "waiters", "wakers")
+    __slots__ = ("done", "error", "key", "result", "seq", "waiters", "wakers")
 
-    def __init__(self, key: K, size: int, seq: int):
+    def __init__(self, key: K, seq: int):
         self.key = key
-        self.size = size
         self.seq = seq
         self.result: R | None = None
         self.error: BaseException | None = None
@@ -165,7 +166,9 @@ class Batcher(Generic[K, R]):
         max_batch_size: at most this many requests per batch.
         max_batch_tokens: at most this much ``size(key)`` per batch (one request
             larger than that still runs, alone).
-        size: the size of a request, for ``max_batch_tokens``.
+        size: the size of a request, for ``max_batch_tokens``; it is measured
+            when a batch is taken (in the worker, with the batcher's lock held),
+            so it may depend on what earlier batches computed.
         name: the worker thread's name.
     """
 
@@ -178,8 +181,8 @@ class Batcher(Generic[K, R]):
         size: Callable[[K], int] = lambda key: 1,
         name: str = "genlm-anyio-batcher",
     ):
-        if max_batch_tokens is not None and max_batch_tokens < 1:
-            raise ValueError(f"max_batch_tokens must be at least 1, not {max_batch_tokens}")
+        if max_batch_tokens is not None:
+            positive_int("max_batch_tokens", max_batch_tokens)
         if inspect.ismethod(compute):
             self._compute: Callable[[], Callable[[list[K]], Sequence[R]] | None] = weakref.WeakMethod(compute)
             # Non-blocking: a finalizer may run in any thread, even one holding the lock.
@@ -209,11 +212,7 @@ class Batcher(Generic[K, R]):
 
     @max_batch_size.setter
     def max_batch_size(self, value: int) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"max_batch_size must be an int, not {type(value).__name__}")
-        if value < 1:
-            raise ValueError(f"max_batch_size must be at least 1, not {value}")
-        self._max_batch_size = value
+        self._max_batch_size = positive_int("max_batch_size", value)
 
     # -- submitting -----------------------------------------------------------------
     def _enqueue(self, key: K) -> _Request[K, R]:
@@ -224,7 +223,7 @@ class Batcher(Generic[K, R]):
         req = self._pending.get(key) or self._running.get(key)
         if req is None:
             self._seq += 1
-            req = _Request(key, self._size(key), self._seq)
+            req = _Request(key, self._seq)
             self._pending[key] = req
         else:
             self.stats.shared += 1
@@ -342,10 +341,12 @@ class Batcher(Generic[K, R]):
         for req in self._pending.values():
             if len(batch) == self._max_batch_size:
                 break
-            if self._max_batch_tokens is not None and batch and tokens + req.size > self._max_batch_tokens:
-                break
+            if self._max_batch_tokens is not None:
+                size = self._size(req.key)
+                if batch and tokens + size > self._max_batch_tokens:
+                    break
+                tokens += size
             batch.append(req)
-            tokens += req.size
         for req in batch:
             del self._pending[req.key]
             self._running[req.key] = req

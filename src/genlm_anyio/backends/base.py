@@ -1,6 +1,8 @@
 """The interface every language-model backend implements, and what they share:
-input validation, LoRA adapter registration, batching, sampling, and the
-context-manager protocol."""
+the request pipeline (validate the request, resolve its adapter, batch it, drop
+the rows whose adapter was removed meanwhile, then the backend's batch
+function), LoRA adapter registration, sampling, and the context-manager
+protocol."""
 
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ import threading
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Union
 
 import anyio
 import torch
 
 from ..batching import Batcher, BatchStats
+from ..checks import check_int, check_number
 from ..lifetime import Closeable
 from ..vocab import Token, decode_vocab, tokens_from_bytes
 
@@ -91,6 +94,11 @@ class SampleRequest:
         return len(self.prompt) + self.max_tokens
 
 
+Request = Union[Query, SampleRequest]
+"""What a model's batcher takes: next-token requests, and (on backends whose
+engine samples itself) sampling runs."""
+
+
 def _as_ids(token_ids: Any, vocab_size: int, name: str = "token_ids") -> TokenIds:
     """``token_ids`` as a tuple of ints in ``[0, vocab_size)``, or a named error."""
     if isinstance(token_ids, torch.Tensor):
@@ -157,22 +165,36 @@ class AsyncLM(Closeable):
         self._adapter_serials = itertools.count(1)
         self._adapters_lock = threading.Lock()  # registration is one change at a time
         self._released = False  # close() freed the backend's resources
-        self._batcher: Batcher[Query, torch.Tensor | RequestFailed] = Batcher(
-            self._batch_logprobs,
+        self._batcher: Batcher[Request, Any] = Batcher(
+            self._run_batch,
             max_batch_size=max_batch_size,
             max_batch_tokens=max_batch_tokens,
-            size=len,
+            size=self._request_size,
             name=f"genlm-anyio-{type(self).__name__}",
         )
 
     # -- what a backend provides --------------------------------------------------
     @abc.abstractmethod
     def _batch_logprobs(self, batch: list[Query]) -> list[torch.Tensor | RequestFailed]:
-        """Log-probabilities (float32, ``(vocab_size,)``) for distinct requests; runs in the worker thread.
+        """Log-probabilities (float32, ``(vocab_size,)``) for distinct requests
+        whose adapters are registered; runs in the worker thread.
 
-        A request whose adapter is no longer registered (:meth:`_registered`)
-        gets a :class:`RequestFailed` instead.
+        A request may still get a :class:`RequestFailed` (its own failure).
         """
+
+    def _batch(self, batch: list[Request]) -> list[Any]:
+        """The backend's batch function: a result for each of distinct requests
+        whose adapters are registered (worker thread). Here every request is a
+        :class:`Query`, for :meth:`_batch_logprobs`; a backend whose
+        :meth:`_sample` submits :class:`SampleRequest` to the batcher overrides this."""
+        queries = [r for r in batch if isinstance(r, Query)]
+        if len(queries) != len(batch):
+            raise TypeError(f"{type(self).__name__} samples one next-token request at a time; it runs no SampleRequest")
+        return self._batch_logprobs(queries)
+
+    def _request_size(self, request: Request) -> int:
+        """The size of ``request`` for the batcher's ``max_batch_tokens``: its tokens."""
+        return len(request)
 
     def _load_adapter(self, adapter: Adapter, replaced: Adapter | None) -> None:
         """Make ``adapter`` usable by requests, after unloading ``replaced`` (the
@@ -256,6 +278,16 @@ class AsyncLM(Closeable):
         return adapter is None or self._adapters.get(adapter.name) is adapter
 
     # -- requests ---------------------------------------------------------------------
+    def _run_batch(self, batch: list[Request]) -> list[Any]:
+        """The batcher's compute: the backend's batch function over the requests
+        whose adapter is still registered; the others (removed or replaced after
+        they were submitted) fail alone."""
+        removed = [None if self._registered(r.adapter) else r.adapter for r in batch]
+        if not any(removed):
+            return self._batch(batch)
+        results = iter(self._batch([r for r, gone in zip(batch, removed) if gone is None]))
+        return [next(results) if gone is None else RequestFailed.adapter_removed(gone) for gone in removed]
+
     def _ids(self, token_ids: Any, name: str = "token_ids") -> TokenIds:
         return _as_ids(token_ids, self.vocab_size, name)
 
@@ -323,17 +355,13 @@ class AsyncLM(Closeable):
         leaving out) any of ``eos_token_ids``. The same seed gives the same tokens.
         ``lora_name`` selects a registered LoRA adapter (None: the base model)."""
         prompt = self._ids(prompt_token_ids, "prompt_token_ids")
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int):
-            raise TypeError(f"max_tokens must be an int, not {type(max_tokens).__name__}")
-        if max_tokens < 0:
-            raise ValueError(f"max_tokens must be >= 0, not {max_tokens}")
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, not {temperature}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise TypeError(f"seed must be an int or None, not {type(seed).__name__}")
+        check_int("max_tokens", max_tokens, minimum=0)
+        temperature = check_number("temperature", temperature, minimum=0, inclusive=False)
+        if seed is not None:
+            check_int("seed", seed)
         eos = self._ids(list(eos_token_ids), "eos_token_ids") if eos_token_ids else ()
         adapter = self._adapter(lora_name)
-        return await self._sample(SampleRequest(prompt, max_tokens, eos, float(temperature), seed, adapter))
+        return await self._sample(SampleRequest(prompt, max_tokens, eos, temperature, seed, adapter))
 
     async def _sample(self, request: SampleRequest) -> list[int]:
         """Run a validated sampling request: one next-token request per step."""
