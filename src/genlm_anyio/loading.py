@@ -1,16 +1,29 @@
-"""Loading a model by name, with the backend picked for the machine."""
+"""Loading a model by name, with the backend picked for the machine: the one place
+that maps a backend's name to its class."""
 
 from __future__ import annotations
 
 import importlib.util
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
-from .backends import AsyncLM, AsyncMlxLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
+from .backends.base import AsyncLM
+from .backends.hf import AsyncTransformer
+from .backends.mlx import AsyncMlxLM
+from .backends.mock import MockAsyncLM
 from .backends.unavailable import AsyncSGLTransformer
+from .backends.vllm import AsyncVirtualLM
+from .backends.vllm.replicas import start_replicas
 
-BACKENDS = ("hf", "vllm", "mock", "mlx", "sgl")
+_LOADERS: dict[str, Callable[..., AsyncLM]] = {
+    "hf": AsyncTransformer.from_name,
+    "vllm": AsyncVirtualLM.from_name,
+    "mock": MockAsyncLM.from_name,
+    "mlx": AsyncMlxLM.from_name,
+    "sgl": AsyncSGLTransformer.from_name,
+}
+BACKENDS = tuple(_LOADERS)
 
 
 def default_backend() -> str:
@@ -18,6 +31,13 @@ def default_backend() -> str:
     if torch.cuda.is_available() and importlib.util.find_spec("vllm") is not None:
         return "vllm"
     return "hf"
+
+
+def _loader(backend: str) -> Callable[..., AsyncLM]:
+    loader = _LOADERS.get(backend) if isinstance(backend, str) else None
+    if loader is None:
+        raise ValueError(f"Invalid backend: {backend!r}; the backends are {', '.join(BACKENDS)}")
+    return loader
 
 
 def load_model_by_name(name: str, backend: str | None = None, llm_opts: dict[str, Any] | None = None) -> AsyncLM:
@@ -30,16 +50,26 @@ def load_model_by_name(name: str, backend: str | None = None, llm_opts: dict[str
     """
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, not {name!r}")
-    backend = backend or default_backend()
-    opts = dict(llm_opts or {})
-    if backend == "hf":
-        return AsyncTransformer.from_name(name, **opts)
-    if backend == "mock":
-        return MockAsyncLM.from_name(name, **opts)
+    load = _loader(backend or default_backend())
+    return load(name, **dict(llm_opts or {}))
+
+
+def load_replicas(name: str, count: int, backend: str, replica_opts: dict[str, Any]) -> list[AsyncLM]:
+    """``count`` models of ``name`` on ``backend``, for
+    :meth:`~genlm_anyio.ReplicatedLM.from_name`: vLLM multiprocess engines, each on
+    its own share of this process's cores (see
+    :func:`~genlm_anyio.backends.vllm.replicas.start_replicas`), or models loaded
+    here by :func:`load_model_by_name` with ``replica_opts`` as their ``llm_opts``.
+    On a failure, the models loaded so far are closed."""
     if backend == "vllm":
-        return AsyncVirtualLM.from_name(name, **opts)
-    if backend == "mlx":
-        return AsyncMlxLM.from_name(name, **opts)
-    if backend == "sgl":
-        return AsyncSGLTransformer.from_name(name, **opts)
-    raise ValueError(f"Invalid backend: {backend!r}; the backends are {', '.join(BACKENDS)}")
+        return list(start_replicas(name, count, replica_opts))
+    load = _loader(backend)
+    started: list[AsyncLM] = []
+    try:
+        for _ in range(count):
+            started.append(load(name, **replica_opts))
+    except BaseException:
+        for lm in started:
+            lm.close()
+        raise
+    return started

@@ -9,7 +9,6 @@ requests, go to the least busy replica.
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +17,8 @@ from typing import Any
 
 import torch
 
+from ..checks import check_int, positive_int
+from ..loading import load_replicas
 from .base import Adapter, AsyncLM, Query, RequestFailed, SampleRequest, TokenIds
 
 
@@ -118,11 +119,8 @@ class ReplicatedLM(AsyncLM):
         sizes = {r.vocab_size for r in replicas}
         if len(sizes) != 1:
             raise ValueError(f"replicas must share one vocabulary; their vocab sizes are {sorted(sizes)}")
-        for name, value in (("max_imbalance", max_imbalance), ("record_size", record_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-        if max_imbalance < 0 or record_size < 1:
-            raise ValueError(f"max_imbalance must be >= 0 and record_size >= 1, not {max_imbalance}, {record_size}")
+        check_int("max_imbalance", max_imbalance, minimum=0)
+        positive_int("record_size", record_size)
         self.replicas: list[AsyncLM] = list(replicas)
         self.max_imbalance = max_imbalance
         self.stats = ReplicaStats(requests=[0] * len(self.replicas))
@@ -153,44 +151,15 @@ class ReplicatedLM(AsyncLM):
         :meth:`AsyncVirtualLM.from_name` (``engine_opts``, ``max_batch_size``).
         Other backends (``"hf"``, ``"mock"``) load each replica with
         :func:`~genlm_anyio.load_model_by_name` and ``replica_opts`` as its
-        ``llm_opts``, in this process. ``opts`` go to the constructor.
+        ``llm_opts``, in this process (both through
+        :func:`~genlm_anyio.loading.load_replicas`, where backend names are
+        dispatched). ``opts`` go to the constructor.
         """
-        if isinstance(replicas, bool) or not isinstance(replicas, int):
-            raise TypeError(f"replicas must be an int, not {type(replicas).__name__}")
-        if replicas < 1:
-            raise ValueError(f"replicas must be >= 1, not {replicas}")
+        positive_int("replicas", replicas)
         if replica_opts is not None and not isinstance(replica_opts, dict):
             raise TypeError(f"replica_opts must be a dict or None, not {type(replica_opts).__name__}")
-        ropts = dict(replica_opts or {})
-        started: list[AsyncLM] = []
+        started = load_replicas(model_name, replicas, backend, dict(replica_opts or {}))
         try:
-            if backend == "vllm":
-                from .vllm import AsyncVirtualLM
-                from .vllm.engine import VLLMEngine
-                from .vllm.internals import vllm_version
-                from .vllm.options import split_cores
-
-                vllm_version()  # a clear ImportError without vLLM
-                from vllm.platforms import current_platform
-
-                if not current_platform.is_cpu():
-                    # Each engine would need its own devices (CUDA_VISIBLE_DEVICES in its
-                    # engine process); that path has not been run yet, so it is not offered.
-                    raise NotImplementedError(
-                        "ReplicatedLM.from_name starts vLLM replicas on CPU machines only for now; on GPUs, "
-                        "build one AsyncVirtualLM per device and pass them to ReplicatedLM(...)"
-                    )
-                engine_opts = ropts.pop("engine_opts", None)
-                if engine_opts is not None and not isinstance(engine_opts, dict):
-                    raise TypeError(f"engine_opts must be a dict or None, not {type(engine_opts).__name__}")
-                for cpus in split_cores(sorted(os.sched_getaffinity(0)), replicas):
-                    engine = VLLMEngine.from_options(model_name, dict(engine_opts or {}), cpus=cpus, multiprocess=True)
-                    started.append(AsyncVirtualLM(engine, **ropts))
-            else:
-                from ..loading import load_model_by_name
-
-                for _ in range(replicas):
-                    started.append(load_model_by_name(model_name, backend=backend, llm_opts=ropts))
             return cls(started, **opts)
         except BaseException:
             for lm in started:
@@ -227,12 +196,9 @@ class ReplicatedLM(AsyncLM):
 
     # -- what a backend provides --------------------------------------------------------
     def _batch_logprobs(self, batch: list[Query]) -> list[torch.Tensor | RequestFailed]:
-        results: list[torch.Tensor | RequestFailed | None] = [None] * len(batch)
+        results: dict[int, torch.Tensor | RequestFailed] = {}
         groups: dict[tuple[int, Adapter | None], list[int]] = {}
         for i, query in enumerate(batch):
-            if not self._registered(query.adapter):
-                results[i] = RequestFailed.adapter_removed(query.adapter)  # type: ignore[arg-type]
-                continue
             replica = self._route(query.ids, query.adapter)
             groups.setdefault((replica, query.adapter), []).append(i)
 
@@ -254,7 +220,7 @@ class ReplicatedLM(AsyncLM):
         futures = [self._pool.submit(run, replica, adapter, rows) for (replica, adapter), rows in groups.items()]
         for future in futures:
             future.result()
-        return results  # type: ignore[return-value]
+        return [results[i] for i in range(len(batch))]
 
     async def _sample(self, request: SampleRequest) -> list[int]:
         replica = self._route(request.prompt, request.adapter)
