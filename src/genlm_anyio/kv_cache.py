@@ -13,9 +13,16 @@ leaves that no running request has pinned are evicted.
 from __future__ import annotations
 
 import heapq
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
+
+# How many recent lookups (and slot lists) are remembered, and how far short of a
+# lookup's length a remembered prefix is tried (an extension by k tokens finds
+# the sequence it extends k positions back).
+_REMEMBERED = 1024
+_LOOKBACK = 8
 
 
 class _Node:
@@ -73,28 +80,66 @@ class PrefixKVCache:
         self.values = torch.zeros_like(self.keys)
         self._free = list(range(self._size - 1, 0, -1))
         self.stats.in_use = 0
+        # Recent lookups, so that a long cached prefix is found by hashing its ids
+        # rather than by a walk of one dict lookup per token: prefix ids -> node,
+        # and node -> its slots from the root.
+        self._found: OrderedDict[tuple[int, ...], _Node] = OrderedDict()
+        self._slot_rows: OrderedDict[_Node, list[int]] = OrderedDict()
 
     # -- lookup ---------------------------------------------------------------------
-    def match(self, ids: tuple[int, ...], limit: int) -> tuple[_Node, int]:
-        """The deepest cached node along ``ids[:limit]``, and its depth."""
+    def _deepest(self, ids: tuple[int, ...], limit: int) -> tuple[_Node, int, list[_Node]]:
+        """The deepest cached node along ``ids[:limit]``, its depth, and the nodes
+        walked to reach it (past a remembered prefix: none of the nodes above it)."""
         node, depth = self.root, 0
-        self._clock += 1
+        for back in range(min(limit, _LOOKBACK) + 1):
+            found = self._found.get(ids[: limit - back]) if limit - back > 0 else None
+            if found is not None and found.parent is not None:  # still in the trie
+                node, depth = found, limit - back
+                break
+        walked = []
         while depth < limit:
             child = node.children.get(ids[depth])
             if child is None:
                 break
             node, depth = child, depth + 1
-            node.last_used = self._clock
+            walked.append(node)
+        return node, depth, walked
+
+    def match(self, ids: tuple[int, ...], limit: int) -> tuple[_Node, int]:
+        """The deepest cached node along ``ids[:limit]``, and its depth; marks it used."""
+        node, depth, walked = self._deepest(ids, limit)
+        self._clock += 1
+        node.last_used = self._clock
+        for passed in walked:
+            passed.last_used = self._clock
+        if depth:
+            self._found[ids[:depth]] = node
+            self._found.move_to_end(ids[:depth])
+            if len(self._found) > _REMEMBERED:
+                self._found.popitem(last=False)
         return node, depth
 
-    @staticmethod
-    def slots(node: _Node) -> list[int]:
+    def cached_length(self, ids: tuple[int, ...], limit: int) -> int:
+        """The depth :meth:`match` would find, without marking any node used (a
+        lookup from any thread that changes nothing: the batcher sizes requests by it)."""
+        return self._deepest(ids, limit)[1]
+
+    def slots(self, node: _Node) -> list[int]:
         """The slots of the prefix ending at ``node``, in order."""
-        out = []
+        end, out = node, []
         while node.parent is not None:
+            known = self._slot_rows.get(node)
+            if known is not None:
+                out.extend(reversed(known))
+                break
             out.append(node.slot)
             node = node.parent
         out.reverse()
+        if out:
+            self._slot_rows[end] = out
+            self._slot_rows.move_to_end(end)
+            if len(self._slot_rows) > _REMEMBERED:
+                self._slot_rows.popitem(last=False)
         return out
 
     def pin(self, node: _Node, delta: int) -> None:
@@ -145,6 +190,9 @@ class PrefixKVCache:
         protected: set[int] = set()
         heap: list[tuple[int, int, _Node]] = []
         for node in reversed(order):
+            for child in node.children.values():
+                # Lookups mark only the nodes they walk: a node is as recent as its subtree.
+                node.last_used = max(node.last_used, child.last_used)
             if node.pins or any(id(child) in protected for child in node.children.values()):
                 protected.add(id(node))
             elif not node.children and node.parent is not None:
@@ -160,6 +208,7 @@ class PrefixKVCache:
             parent = node.parent
             assert parent is not None  # the root is never in the heap
             del parent.children[node.token]
+            node.parent = None  # out of the trie: remembered lookups of it are stale
             self._free.append(node.slot)
             self.stats.tokens_evicted += 1
             self.stats.in_use -= 1
@@ -238,6 +287,8 @@ class PrefixKVCache:
             if any(node.pins for node in doomed):
                 continue
             del self.root.children[token]
+            for node in doomed:
+                node.parent = None
             self._free.extend(node.slot for node in doomed)
             freed += len(doomed)
         self.stats.in_use -= freed

@@ -16,9 +16,10 @@ from typing import Any
 
 import torch
 
+from ..checks import positive_int
 from . import shared_prefix
-from .base import Adapter, RequestFailed
-from .prefix import Job, PrefixCachedLM, positive_int
+from .base import Adapter
+from .prefix import Job, PrefixCachedLM
 
 # peft's name for "no adapter" in a mixed-adapter batch.
 _BASE = "__base__"
@@ -171,7 +172,8 @@ class AsyncTransformer(PrefixCachedLM):
         logprob_cache_size: most results the output cache keeps (0 disables it).
         logprob_cache_bytes: most bytes the output cache keeps (default 256 MiB;
             each result is one float32 row of ``vocab_size``).
-        max_batch_tokens: most new tokens in one forward pass (longer batches are split).
+        max_forward_tokens: most new tokens in one forward pass, and the most
+            uncached tokens a batch admits (a longer prompt is computed in chunks).
     """
 
     def __init__(
@@ -184,7 +186,7 @@ class AsyncTransformer(PrefixCachedLM):
         kv_cache_bytes: int = 1 << 30,
         logprob_cache_size: int = 256,
         logprob_cache_bytes: int = 1 << 28,
-        max_batch_tokens: int = 4096,
+        max_forward_tokens: int = 4096,
     ):
         positive_int("batch_size", batch_size)
         self.model = hf_model.eval()
@@ -204,7 +206,7 @@ class AsyncTransformer(PrefixCachedLM):
             kv_cache_bytes=kv_cache_bytes,
             logprob_cache_size=logprob_cache_size,
             logprob_cache_bytes=logprob_cache_bytes,
-            max_batch_tokens=max_batch_tokens,
+            max_forward_tokens=max_forward_tokens,
         )
         # transformers 5.2x renamed `past_key_values` to `cache`.
         self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
@@ -391,10 +393,9 @@ class AsyncTransformer(PrefixCachedLM):
     def next_token_logprobs_uncached(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
         """One plain forward pass of ``token_ids`` alone (under adapter ``lora_name``),
         with no cache: the reference the cached and batched results are checked against."""
-        query = self._query(token_ids, lora_name)
         with self._lock, torch.inference_mode():
-            if not self._registered(query.adapter):
-                self._result(RequestFailed.adapter_removed(query.adapter))  # type: ignore[arg-type]
+            # Adapters load and unload under this lock: the one resolved here stays until the pass ends.
+            query = self._query(token_ids, lora_name)
             # The output head sees the last position only, as in the cached path (and
             # in transformers' generate): the head over one row and over all rows are
             # different BLAS kernels, whose float32 results differ by ~1e-5.

@@ -121,6 +121,13 @@ def own_mask(own_lengths: Sequence[int], own_width: int, new_width: int, device:
     return torch.cat([past[:, None, :].expand(rows, new_width, own_width), causal.expand(rows, -1, -1)], dim=-1)
 
 
+def _partial(scores: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One part of a softmax: its row maxima, its unnormalised output and its sums."""
+    top = scores.amax(dim=-1, keepdim=True)
+    weights = torch.exp(scores - top)
+    return top, weights @ values, weights.sum(dim=-1, keepdim=True)
+
+
 def attend(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -150,22 +157,21 @@ def attend(
     scores = q @ key.float().transpose(-1, -2) * scaling  # (rows, kv_heads, per_kv * new, own + new)
     visible = mask[:, None, None].expand(rows, 1, per_kv, new, mask.shape[-1]).reshape(rows, 1, per_kv * new, -1)
     scores.masked_fill_(~visible, float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-    out = torch.exp(scores - lse) @ value.float()
+    top, out, total = _partial(scores, value.float())  # every row sees its newest key: top is finite
     del scores
     for index, prefix_keys, prefix_values in shared:
         count = index.shape[0]
         # Every query of the group's rows against the prefix, in one product per kv head.
         qg = q.index_select(0, index).transpose(0, 1).reshape(kv_heads, count * per_kv * new, dim)
-        s = qg @ prefix_keys.float().transpose(-1, -2) * scaling  # (kv_heads, queries, prefix)
-        lse_s = torch.logsumexp(s, dim=-1, keepdim=True)
-        out_s = torch.exp(s - lse_s) @ prefix_values.float()
-        del s
-        out_s = out_s.reshape(kv_heads, count, per_kv * new, dim).transpose(0, 1)
-        lse_s = lse_s.reshape(kv_heads, count, per_kv * new, 1).transpose(0, 1)
-        lse_o = lse.index_select(0, index)
-        top = torch.maximum(lse_o, lse_s)
-        w_o, w_s = torch.exp(lse_o - top), torch.exp(lse_s - top)
-        merged = (out.index_select(0, index) * w_o + out_s * w_s) / (w_o + w_s)
-        out.index_copy_(0, index, merged)
-    return out.reshape(rows, heads, new, dim).transpose(1, 2).to(query.dtype).contiguous()
+        top_s, out_s, total_s = _partial(qg @ prefix_keys.float().transpose(-1, -2) * scaling, prefix_values.float())
+        # (kv_heads, count * queries, .) -> (count, kv_heads, queries, .), as the rows' own parts.
+        top_s, out_s, total_s = (
+            t.reshape(kv_heads, count, per_kv * new, -1).transpose(0, 1) for t in (top_s, out_s, total_s)
+        )
+        top_o = top.index_select(0, index)
+        both = torch.maximum(top_o, top_s)
+        scale_o, scale_s = torch.exp(top_o - both), torch.exp(top_s - both)
+        out.index_copy_(0, index, out.index_select(0, index) * scale_o + out_s * scale_s)
+        total.index_copy_(0, index, total.index_select(0, index) * scale_o + total_s * scale_s)
+        top.index_copy_(0, index, both)
+    return (out / total).reshape(rows, heads, new, dim).transpose(1, 2).to(query.dtype).contiguous()
