@@ -1,0 +1,194 @@
+"""genlm-anyio's logits processors and where they go, without an engine.
+
+The V2 processor (vLLM's V2 model runner, on GPUs) is driven here as that runner
+drives it (``add_request`` per request slot, then ``apply`` with a real
+``LogitsContext`` each step), on CPU tensors, and loaded through vLLM's own V2
+loader and parameter validator. The choice of processor and of where the engine
+core runs is checked over the configurations a GPU user gets.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("vllm")
+
+from vllm import SamplingParams
+from vllm.exceptions import VLLMValidationError
+from vllm.v1.worker.gpu.sample.logits_processor import (
+    LogitsContext,
+    build_custom_logits_processors,
+    build_custom_logits_processors_params_validator,
+)
+
+from genlm_anyio.backends.vllm.capture import KEY, FullLogprobs, FullLogprobsV2, processor_for
+from genlm_anyio.backends.vllm.options import multiprocess_engine
+
+pytestmark = pytest.mark.vllm
+
+V = 50
+SLOTS = 4
+
+
+def req_states() -> SimpleNamespace:
+    """What vLLM's loader reads of the V2 runner's ``RequestState`` (whose buffers need CUDA's pinned memory)."""
+    return SimpleNamespace(
+        device=torch.device("cpu"),
+        max_num_reqs=SLOTS,
+        vocab_size=V,
+        all_token_ids=None,
+        prompt_len=None,
+        prefill_len=None,
+        total_len=None,
+    )
+
+
+def v2_processor() -> FullLogprobsV2:
+    """Built by vLLM's own V2 loader, from the class path a user would give."""
+    procs = build_custom_logits_processors(
+        None,
+        req_states(),
+        is_pooling_model=False,
+        custom_logitsprocs=["genlm_anyio.backends.vllm.capture:FullLogprobsV2"],
+    )
+    assert len(procs) == 1 and isinstance(procs[0], FullLogprobsV2)
+    return procs[0]
+
+
+def context(slots: list[int]) -> LogitsContext:
+    """A step's layout as the V2 sampler builds it: one logits row per request, no drafts."""
+    n = len(slots)
+    mapping = torch.tensor(slots, dtype=torch.int32)
+    return LogitsContext(
+        expanded_idx_mapping=mapping,
+        idx_mapping=mapping,
+        idx_mapping_np=np.array(slots, dtype=np.int32),
+        expanded_local_pos=torch.zeros(n, dtype=torch.int32),
+        input_ids=torch.zeros(n, dtype=torch.int32),
+        pos=torch.arange(n, dtype=torch.int32),
+        seq_lens_upper_bound_np=np.ones(n, dtype=np.int32),
+    )
+
+
+def marked(rid: str) -> SamplingParams:
+    return SamplingParams(max_tokens=1, temperature=0.0, extra_args={KEY: rid})
+
+
+def step(proc: FullLogprobsV2, slots: list[int]) -> torch.Tensor:
+    """One ``apply`` over fresh logits for ``slots``; checks the logits are returned unchanged."""
+    logits = torch.randn(len(slots), V) * 4
+    before = logits.clone()
+    out = proc.apply(logits, context(slots))
+    assert out is logits and torch.equal(out, before)
+    return before
+
+
+def want(logits: torch.Tensor, row: int) -> torch.Tensor:
+    return torch.log_softmax(logits[row].double(), dim=-1).float()
+
+
+def test_v2_rows_are_the_log_softmax_of_their_own_requests_logits():
+    torch.manual_seed(0)
+    proc = v2_processor()
+    assert proc.add_request(0, marked("a")) is True
+    assert proc.add_request(1, SamplingParams(max_tokens=4)) is False  # unmarked: no processing asked
+    assert proc.add_request(3, marked("b")) is True
+    # Rows come in any slot order; the unmarked request's row is left alone.
+    logits = step(proc, [3, 1, 0])
+    got_a, got_b = proc.rows.pop("a"), proc.rows.pop("b")
+    assert got_a.dtype == torch.float32 and got_a.shape == (V,) and got_a.device.type == "cpu"
+    torch.testing.assert_close(got_a, want(logits, 2), rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_b, want(logits, 0), rtol=0, atol=1e-5)
+    assert len(proc.rows) == 0 and proc.rows.steps == 1
+
+
+def test_v2_a_chunked_prefill_keeps_the_row_of_its_last_chunk():
+    torch.manual_seed(1)
+    proc = v2_processor()
+    proc.add_request(2, marked("long"))
+    step(proc, [2])  # a prompt chunk before the last: its sample is thrown away
+    last = step(proc, [2])
+    torch.testing.assert_close(proc.rows.pop("long"), want(last, 0), rtol=0, atol=1e-5)
+    assert proc.rows.pop("long") is None
+
+
+def test_v2_a_reused_slot_belongs_to_its_new_request():
+    torch.manual_seed(2)
+    proc = v2_processor()
+    proc.add_request(0, marked("first"))
+    step(proc, [0])
+    proc.rows.pop("first")
+    # Slot 0 freed (V2 gives no notice) and reused by an unmarked request: no row.
+    assert proc.add_request(0, SamplingParams(max_tokens=3)) is False
+    step(proc, [0])
+    assert len(proc.rows) == 0
+    # Reused again, by a marked request (a resumed session is re-added the same way).
+    proc.add_request(0, marked("second"))
+    logits = step(proc, [0])
+    torch.testing.assert_close(proc.rows.pop("second"), want(logits, 0), rtol=0, atol=1e-5)
+    assert proc.rows.pop("first") is None
+
+
+def test_v2_a_batch_of_every_slot_keeps_one_row_per_marked_request():
+    torch.manual_seed(3)
+    proc = v2_processor()
+    for slot in range(SLOTS):
+        proc.add_request(slot, marked(f"r{slot}") if slot % 2 == 0 else SamplingParams())
+    logits = step(proc, [1, 2, 3, 0])
+    assert len(proc.rows) == 2
+    torch.testing.assert_close(proc.rows.pop("r2"), want(logits, 1), rtol=0, atol=1e-5)
+    torch.testing.assert_close(proc.rows.pop("r0"), want(logits, 3), rtol=0, atol=1e-5)
+
+
+def test_vllms_loaders_and_validators_take_each_processor_where_it_belongs():
+    validate = build_custom_logits_processors_params_validator([FullLogprobsV2])
+    validate(marked("ok"))
+    validate(SamplingParams())
+    with pytest.raises(VLLMValidationError, match=KEY):
+        validate(SamplingParams(extra_args={KEY: 3}))
+    # vLLM's V2 loader refuses a V1-interface processor: the reason there are two.
+    with pytest.raises(ValueError, match="not a subclass"):
+        build_custom_logits_processors(None, req_states(), False, [FullLogprobs])
+    # The V1 validator (the V1 loader runs in the engine tests, which use it).
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+    validate_logits_processors_parameters([FullLogprobs], marked("ok"))
+    with pytest.raises(VLLMValidationError, match=KEY):
+        validate_logits_processors_parameters([FullLogprobs], SamplingParams(extra_args={KEY: 3}))
+
+
+def gpu_config(v2: bool = True, speculative: object = None) -> SimpleNamespace:
+    return SimpleNamespace(use_v2_model_runner=v2, speculative_config=speculative)
+
+
+@pytest.mark.parametrize(
+    ("config", "processor"),
+    [
+        (gpu_config(), FullLogprobsV2),  # one CUDA GPU with Triton: vLLM's default
+        (gpu_config(v2=False), FullLogprobs),  # VLLM_USE_V2_MODEL_RUNNER=0, or no Triton (and CPUs)
+        (gpu_config(speculative=object()), None),  # speculative decoding: several rows per request
+        (gpu_config(v2=False, speculative=object()), None),
+    ],
+)
+def test_the_processor_follows_the_model_runner(config, processor):
+    assert processor_for(config) is processor
+
+
+@pytest.mark.parametrize(
+    ("requested", "env", "workers", "multiprocess"),
+    [
+        (None, {}, 1, False),  # one GPU, vLLM's defaults: the engine core in this process
+        (None, {"VLLM_ENABLE_V1_MULTIPROCESSING": ""}, 1, False),
+        (None, {}, 2, True),  # TP=2 (or PP, DP): a process of its own, as vLLM does
+        (None, {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}, 1, True),  # the user asked for it
+        (None, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, 2, False),
+        (True, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}, 1, True),  # an explicit argument wins
+        (False, {}, 2, False),
+    ],
+)
+def test_where_the_engine_core_runs(requested, env, workers, multiprocess):
+    assert multiprocess_engine(requested, env, workers) is multiprocess
