@@ -1,24 +1,43 @@
 #!/usr/bin/env bash
 # Idempotent developer set-up: Rust crates, the virtual environment, the extension.
 # Each step is skipped when its result is already in place, so a second run is fast.
+# Everything it writes is inside this repository (.venv/, .cargo/config.toml), with
+# one exception, said before it happens: Debian's Rust crates through apt-get, on a
+# machine that cannot reach crates.io (see confirm() for when it asks).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 VENV=${VENV:-.venv}
 PY="$VENV/bin/python"
-CARGO_HOME=${CARGO_HOME:-$HOME/.cargo}
+# Cargo and maturin read this file when they run in this repository, and nowhere
+# else: the user's ~/.cargo is never touched. It is git-ignored.
+CARGO_CONFIG=.cargo/config.toml
 
 log() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
 
-# 1. Rust crates. Users who reach crates.io build normally; where it cannot be
-#    reached, use Debian's packaged crates through a source replacement written
-#    into $CARGO_HOME/config.toml (never into this repository).
-if ! grep -qs 'debian-registry' "$CARGO_HOME/config.toml"; then
-    if ! timeout 8 curl -sSf -o /dev/null https://index.crates.io/config.json 2>/dev/null; then
-        log "crates.io unreachable: using Debian's Rust crates"
-        mkdir -p "$CARGO_HOME"
-        cat >>"$CARGO_HOME/config.toml" <<'TOML'
+# Changing the system (apt-get) is asked for at a terminal; it goes ahead, said
+# out loud, in CI (CI=true), with GENLM_ANYIO_SETUP_YES=1, or with no terminal
+# to ask at (an unattended `make test` on a fresh machine must not block).
+confirm() {
+    if [ "${CI:-}" = "true" ] || [ "${GENLM_ANYIO_SETUP_YES:-}" = "1" ] || [ ! -t 0 ]; then
+        log "proceeding without asking (CI=${CI:-unset}, GENLM_ANYIO_SETUP_YES=${GENLM_ANYIO_SETUP_YES:-unset}, terminal: $([ -t 0 ] && echo yes || echo no))"
+        return 0
+    fi
+    local answer
+    read -r -p "$1 [y/N] " answer
+    [ "$answer" = "y" ] || [ "$answer" = "Y" ] || [ "$answer" = "yes" ]
+}
 
+# 1. Rust crates. Users who reach crates.io build normally; where it cannot be
+#    reached, this repository's own cargo settings replace it with Debian's
+#    packaged crates (a directory source under /usr/share/cargo/registry).
+if ! grep -qs 'debian-registry' "$CARGO_CONFIG"; then
+    if ! timeout 8 curl -sSf -o /dev/null https://index.crates.io/config.json 2>/dev/null; then
+        log "crates.io unreachable: using Debian's Rust crates, through $CARGO_CONFIG (this repository only)"
+        mkdir -p "$(dirname "$CARGO_CONFIG")"
+        cat >"$CARGO_CONFIG" <<'TOML'
+# Written by scripts/setup.sh because crates.io could not be reached: the crates
+# come from Debian's librust-*-dev packages. Delete this file to use crates.io.
 [source.crates-io]
 replace-with = "debian-registry"
 
@@ -27,18 +46,26 @@ directory = "/usr/share/cargo/registry"
 TOML
     fi
 fi
-# With the replacement in place, install the packaged crates this build needs
-# (proptest for `cargo test`); a no-op once they are there.
-if grep -qs 'debian-registry' "$CARGO_HOME/config.toml"; then
+# With the replacement in place, the packaged crates this build needs (pyo3, rayon,
+# serde_json; proptest for `cargo test`) must be installed; a no-op once they are.
+if grep -qs 'debian-registry' "$CARGO_CONFIG"; then
     missing=""
     for crate in pyo3 rayon serde_json serde_derive proptest; do
         ls -d /usr/share/cargo/registry/"$crate"-[0-9]* >/dev/null 2>&1 || missing="$missing $crate"
     done
     if [ -n "$missing" ]; then
-        log "installing Debian Rust crates:$missing"
-        apt-get update -qq
-        apt-get install -y -qq librust-pyo3-dev librust-rayon-dev librust-serde-json-dev \
-            librust-serde-derive-dev librust-proptest-dev >/dev/null
+        packages="librust-pyo3-dev librust-rayon-dev librust-serde-json-dev librust-serde-derive-dev librust-proptest-dev"
+        apt="apt-get"
+        [ "$(id -u)" -eq 0 ] || apt="sudo apt-get"
+        log "the Rust crates$missing are missing from /usr/share/cargo/registry (crates.io is unreachable,"
+        log "so the build takes Debian's packaged sources). This runs, system-wide:"
+        log "    $apt update && $apt install -y $packages"
+        if ! confirm "Install these Debian packages now?"; then
+            log "not installed: install them yourself, or delete $CARGO_CONFIG where crates.io is reachable"
+            exit 1
+        fi
+        # shellcheck disable=SC2086
+        $apt update -qq && $apt install -y -qq $packages >/dev/null
     fi
 fi
 
