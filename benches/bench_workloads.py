@@ -2,6 +2,7 @@
 
     PYTHONPATH=scripts python benches/bench_workloads.py [--grid 16x16,2048x64,...] [--tokens 8]
         [--control json:8:12,direct:16:12] [--control-prompt 1500] [--repeats 3] [--systems ...]
+        [--anchor-max 64] [--max-kv-gb 8] [--vllm-engine '{"block_size": 32}']
         [--model DIR | --model random:llama-1b --tokenizer DIR] [--device cuda] [--dtype bfloat16]
 
 SIS: the seed example's program (``examples/seed_example.py``: one ``await
@@ -52,7 +53,8 @@ from common import (
     reference_env,
 )
 
-# About ten minutes on an idle 2-core CPU with SmolLM2 (the engine start of vLLM included).
+# Estimated at 10-15 minutes on an idle 2-core CPU with SmolLM2 (vLLM's engine start
+# included); genlm-backend runs up to --anchor-max particles.
 DEFAULT_GRID = "16x16,16x64,16x256,512x64,2048x16,2048x64"
 DEFAULT_TOKENS = 8
 DEFAULT_CONTROL = "json:8:12,direct:16:12"
@@ -157,7 +159,14 @@ class Systems:
 
 
 def sis_contenders(
-    systems: Systems, wanted: list[str], prompt: list[int], n: int, t: int, kv_limit: float, kv_token: int
+    systems: Systems,
+    wanted: list[str],
+    prompt: list[int],
+    n: int,
+    t: int,
+    kv_limit: float,
+    kv_token: int,
+    anchor_max: int,
 ) -> tuple[dict[str, Callable[[], Run]], dict[str, str]]:
     """The runs of one SIS size, and why any system was left out."""
     runs: dict[str, Callable[[], Run]] = {}
@@ -166,6 +175,9 @@ def sis_contenders(
         rows = {"genlm-backend": min(n, BACKEND_BATCH_SIZE), "hf-loop": n, "genlm-backend-n": n}.get(system)
         if system == "genlm-backend-n" and n <= BACKEND_BATCH_SIZE:
             skipped[system] = f"N <= {BACKEND_BATCH_SIZE}: the same as its defaults"
+            continue
+        if system.startswith("genlm-backend") and n > anchor_max:
+            skipped[system] = f"N > --anchor-max {anchor_max} (it is slow)"
             continue
         if rows is not None and rows * (len(prompt) + t) * kv_token > kv_limit:
             skipped[system] = "its per-row copies of the prompt's keys and values would exceed --max-kv-gb"
@@ -243,8 +255,9 @@ def run_sis(args: argparse.Namespace, systems: Systems, report: Report, tokenize
             "time / genlm-anyio's",
         ],
         notes=[
-            f"Grid run: {args.grid}, T = {t} tokens; {args.repeats} alternated runs of each system per size, "
-            f"after one warm-up run of each ({WARMUP[1]} x {WARMUP[2]} after {WARMUP[0]} tokens).",
+            f"Grid run: {args.grid}, T = {t} tokens, genlm-backend up to N = {args.anchor_max}; "
+            f"{args.repeats} alternated runs of each system per size, after one warm-up run of each "
+            f"({WARMUP[1]} x {WARMUP[2]} after {WARMUP[0]} tokens). vLLM: {args.vllm_engine}.",
             "A step is one token per particle (the seed program's last step, the EOS distribution, runs in the "
             "timed part too). Forward passes and tokens computed are per step: genlm-anyio's from its llm.stats, "
             "genlm-backend's and the loop's from a hook on the model; vLLM's are not counted.",
@@ -258,7 +271,7 @@ def run_sis(args: argparse.Namespace, systems: Systems, report: Report, tokenize
     found: dict[tuple[int, int], dict] = {}
     for prompt_len, n in grid:
         prompt = prompts.text_prompt(tokenizer, prompt_len)
-        runs, skipped = sis_contenders(systems, wanted, prompt, n, t, args.max_kv_gb * 2**30, kv_token)
+        runs, skipped = sis_contenders(systems, wanted, prompt, n, t, args.max_kv_gb * 2**30, kv_token, args.anchor_max)
         print(f"  SIS: prompt {prompt_len} tokens, {n} x {t}: {', '.join(runs)}", file=sys.stderr, flush=True)
         try:
             results = alternate(runs, repeats=args.repeats, warmup=0)
@@ -369,6 +382,7 @@ def main() -> None:
     parser.add_argument("--tokenizer", default=None, help="the tokenizer folder of a random:SHAPE model")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--anchor-max", type=int, default=64, help="most particles run on genlm-backend")
     parser.add_argument("--max-kv-gb", type=float, default=8.0, help="leave out a system whose copies exceed this")
     parser.add_argument("--vllm-engine", default='{"block_size": 32}', help="vllm.LLM keyword arguments (JSON)")
     parser.add_argument("--out", default=None, help="the results file (default: benches/results/workloads.json)")

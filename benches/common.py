@@ -471,38 +471,3 @@ class VLLMGenerate(Worker):
     def generate(self, prompt: list[int], particles: int, tokens: int) -> Run:
         """One timed ``LLM.generate`` of ``particles`` x ``tokens`` after ``prompt``."""
         return self.run("generate", prompt=prompt, particles=particles, tokens=tokens)
-
-
-# -- the earlier table, kept while benches/bench_vllm.py prints with it ---------------
-def best_of(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
-    """The fastest of ``repeat`` timed calls, in seconds, after ``warmup`` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
-class Table:
-    """Rows of (what, ours, anchor, target) printed with ``anchor / ours``."""
-
-    def __init__(self, title: str, anchor: str):
-        self.title, self.anchor = title, anchor
-        self.rows: list[tuple[str, float, float | None, float | None]] = []
-
-    def add(self, what: str, ours: float, anchor: float | None, target: float | None = None) -> None:
-        self.rows.append((what, ours, anchor, target))
-        print(f"  measured {what}", file=sys.stderr, flush=True)
-
-    def print(self) -> None:
-        print(f"\n{self.title}")
-        print(f"{'':34} {'genlm-anyio':>11} {self.anchor:>14} {'speed-up':>9} {'target':>11}")
-        for what, ours, anchor, target in self.rows:
-            ratio = f"{anchor / ours:8.1f}x" if anchor else f"{'-':>9}"
-            anchor_s = f"{fmt(anchor):>11}" if anchor else f"{'-':>11}"
-            target_s = ("< " + fmt(target)) if target else "-"
-            met = "" if target is None else ("  met" if ours < target else "  MISSED")
-            print(f"{what:34} {fmt(ours):>11} {anchor_s:>14} {ratio} {target_s:>11}{met}")

@@ -9,8 +9,10 @@ A docs page quotes ``benches/results/NAME.json`` (see ``benches/common.py``) in 
     ...
     <!-- /results: NAME -->
 
-whose content this script writes: how the figures were made (command, date,
-machine, the run of ``make bench``) and the file's tables. Prose outside the
+whose content this script writes (a line saying so where the file is missing):
+how the figures were made (command, date,
+machine, and the ``make bench`` run it belongs to: its ``BENCH_RUN``) and the
+file's tables. Prose outside the
 blocks is left as it is.
 """
 
@@ -48,7 +50,7 @@ def render(record: dict[str, Any]) -> str:
     """The Markdown of one results file: where it comes from, then its tables."""
     m = record["machine"]
     versions = ", ".join(f"{k.replace('_', '-')} {m[k]}" for k in ("torch", "transformers", "genlm_backend") if k in m)
-    run = f"`make bench` run {record['run']}" if record.get("run") else "run alone"
+    run = f"run {record['run']}" if record.get("run") else "run alone"
     head = (
         f"`{record['command']}` ({run}, {record['started']}, {record['wall_s']:.0f} s; "
         f"{m['cpus']} CPUs, {m['processor']}, Python {m['python']}, {versions})"
@@ -56,14 +58,18 @@ def render(record: dict[str, Any]) -> str:
     return "\n\n".join([head, *(_table(t) for t in record["tables"])]) + "\n"
 
 
+def missing(name: str) -> str:
+    """The block of a results file that no run has written yet."""
+    return f"*Not measured yet: `benches/results/{name}.json` is missing (`make bench` writes it).*\n"
+
+
 def update(text: str, results: dict[str, dict[str, Any]]) -> str:
     """``text`` with every results block rewritten from ``results``."""
 
     def fill(match: re.Match[str]) -> str:
         name = match["name"]
-        if name not in results:
-            raise KeyError(f"a docs block quotes benches/results/{name}.json, which does not exist")
-        return f"{match.group(1)}\n{render(results[name])}\n{match.group(4)}"
+        body = render(results[name]) if name in results else missing(name)
+        return f"{match.group(1)}\n{body}\n{match.group(4)}"
 
     return BLOCK.sub(fill, text)
 
@@ -86,6 +92,9 @@ def main() -> None:
             stale.append(page.relative_to(ROOT))
             if not args.check:
                 page.write_text(new)
+    absent = sorted({name for page in DOCS.rglob("*.md") for name in quoted(page.read_text())} - set(results))
+    if absent:
+        print(f"note: no results file yet for {', '.join(absent)}", file=sys.stderr)
     runs = {r.get("run") for r in results.values()}
     if len(runs) > 1:
         print(f"note: the results files come from different runs: {sorted(map(str, runs))}", file=sys.stderr)
