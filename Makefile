@@ -102,15 +102,19 @@ test:
 		lint docs test-rust test-wheel test-clients test-python test-vllm
 
 # Each benchmark prints genlm-anyio beside its reference (genlm-backend, vLLM's own
-# decode loop, one replica), measured in the same run.
+# decode loop, one replica), measured in the same run, and writes benches/results/;
+# render_docs.py then puts those figures into docs/benchmarks.md (and any page quoting them).
 BENCH := PYTHONPATH=scripts $(PY)
 .PHONY: bench  ## The benchmarks, each beside its reference measured in the same run
+bench: export BENCH_RUN := $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
 bench: assets
 	$(BENCH) benches/bench_vocab_trie.py
 	$(BENCH) benches/bench_sis.py --mlx 32x32
 	$(BENCH) benches/bench_vllm.py
 	$(BENCH) benches/bench_replicas.py
 	$(BENCH) benches/bench_control.py
+	$(BENCH) benches/bench_workloads.py
+	$(BENCH) benches/render_docs.py
 
 # Run on a CUDA machine: `make gpu-assets` here, then benches/gpu.sh there (see the script).
 .PHONY: gpu-assets  ## What benches/gpu.sh needs on a machine that fetches nothing, into .gpu-assets/
