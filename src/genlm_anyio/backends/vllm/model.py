@@ -87,8 +87,11 @@ class AsyncVirtualLM(AsyncLM):
         """The engine's torch model, for advanced use (in-process engines only; RuntimeError otherwise)."""
         return self.engine.model()
 
-    def _batch_logprobs(self, batch: Sequence[Request]) -> list[Any]:
+    def _batch(self, batch: Sequence[Request]) -> list[Any]:
+        # Log-probability requests and sampling runs go to the engine together.
         return self.engine.run(batch)
+
+    _batch_logprobs = _batch
 
     def _load_adapter(self, adapter: Adapter, replaced: Adapter | None) -> None:
         if replaced is not None:
