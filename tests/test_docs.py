@@ -5,13 +5,13 @@ Conventions, which docs/index.md states for readers:
 - each block is a whole program, run on its own in a fresh interpreter (in a
   scratch directory, with a timeout);
 - the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct`` stands for the local copy of
-  that model the tests use (scripts/assets.py), and the scratch directory holds
-  its GGUF file, ``SmolLM2-135M-Instruct.Q4_1.gguf``;
+  that model the tests use (scripts/assets.py), and the scratch directory of a
+  block that names its GGUF file, ``SmolLM2-135M-Instruct.Q4_1.gguf``, holds it;
 - a block that cannot run here is preceded by ``<!-- skip: REASON -->`` (the
   reason is required, and shown as the skip's reason).
 
-Blocks that load model weights or a transformers tokenizer are marked ``slow``;
-the rest run in the fast tier.
+Blocks that load model weights, the GGUF file or a transformers tokenizer are
+marked ``slow``; the rest run in the fast tier, which downloads no weights.
 """
 
 from __future__ import annotations
@@ -28,12 +28,15 @@ from conftest import assets
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+GGUF_NAME = Path(assets.SMOLLM2_GGUF).name
 PAGES = sorted((ROOT / "docs").rglob("*.md")) + [ROOT / "README.md"]
 
 FENCE = re.compile(r"^(?P<indent>\s*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)(?P<attrs>.*)$")
 SKIP = re.compile(r"^\s*<!--\s*skip:(?P<reason>.*?)-->\s*$")
 # What loads model weights (the mock model reads only a tokenizer).
-LOADS_WEIGHTS = re.compile(r"load_model_by_name|AsyncTransformer|AsyncVirtualLM|AutoModel|AutoTokenizer|from_name")
+LOADS_WEIGHTS = re.compile(
+    rf"load_model_by_name|AsyncTransformer|AsyncVirtualLM|AutoModel|AutoTokenizer|from_name|{re.escape(GGUF_NAME)}"
+)
 
 
 @dataclass
@@ -104,9 +107,10 @@ def test_skips_are_few():
 
 @pytest.mark.parametrize("block", [_param(block) for block in BLOCKS])
 def test_docs_example_runs(block: Block, tmp_path: Path):
-    code = block.code.replace(HUB_ID, str(assets.smollm2_dir()))
-    gguf = assets.smollm2_gguf()
-    (tmp_path / gguf.name).symlink_to(gguf)
+    # The assets are fetched only for a block that names them (the fast tier fetches no weights).
+    code = block.code.replace(HUB_ID, str(assets.smollm2_dir())) if HUB_ID in block.code else block.code
+    if GGUF_NAME in block.code:
+        (tmp_path / GGUF_NAME).symlink_to(assets.smollm2_gguf())
     script = tmp_path / "example.py"
     script.write_text(code, encoding="utf-8")
     run = subprocess.run(
