@@ -472,6 +472,26 @@ def test_an_owner_dropped_without_close_is_collected_and_its_worker_ends():
     assert not thread.is_alive()
 
 
+class SizingOwner(Owner):
+    def __init__(self):
+        self.batcher = Batcher(self.compute, max_batch_tokens=8, size=self.size, name="owned")
+
+    def size(self, key):
+        return key
+
+
+def test_an_owner_whose_method_sizes_requests_is_collected_too():
+    owner = SizingOwner()
+    assert owner.batcher.submit_sync([1, 2]) == [2, 3]
+    thread = owner.batcher._thread
+    ref = weakref.ref(owner)
+    del owner
+    gc.collect()
+    assert ref() is None
+    thread.join(5)
+    assert not thread.is_alive()
+
+
 def test_close_with_a_timeout_returns_while_a_batch_hangs_and_fails_its_callers(backend):
     rec = Recorder()
     batcher = Batcher(rec)

@@ -162,7 +162,7 @@ class Batcher(Generic[K, R]):
     Args:
         compute: maps a list of distinct keys to their results, in order. A bound
             method is held weakly: the worker does not keep its object alive, and
-            the batcher closes when that object is collected.
+            the batcher closes when that object is collected. So is ``size``.
         max_batch_size: at most this many requests per batch.
         max_batch_tokens: at most this much ``size(key)`` per batch (one request
             larger than that still runs, alone).
@@ -191,7 +191,10 @@ class Batcher(Generic[K, R]):
             self._compute = lambda: compute
         self.max_batch_size = max_batch_size
         self._max_batch_tokens = max_batch_tokens
-        self._size = size
+        # Held weakly as compute is (a bound method of the same owner, typically).
+        self._size: Callable[[], Callable[[K], int] | None] = (
+            weakref.WeakMethod(size) if inspect.ismethod(size) else lambda: size
+        )
         self._name = name
         self._cond = threading.Condition()
         self._pending: dict[K, _Request[K, R]] = {}
@@ -337,13 +340,14 @@ class Batcher(Generic[K, R]):
     # -- the worker -----------------------------------------------------------------
     def _take(self) -> list[_Request[K, R]]:
         batch: list[_Request[K, R]] = []
-        tokens = 0
+        tokens, limit = 0, self._max_batch_tokens
+        measure = self._size() if limit is not None else None
         for req in self._pending.values():
             if len(batch) == self._max_batch_size:
                 break
-            if self._max_batch_tokens is not None:
-                size = self._size(req.key)
-                if batch and tokens + size > self._max_batch_tokens:
+            if limit is not None and measure is not None:
+                size = measure(req.key)
+                if batch and tokens + size > limit:
                     break
                 tokens += size
             batch.append(req)

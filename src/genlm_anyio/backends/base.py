@@ -104,9 +104,9 @@ def _as_ids(token_ids: Any, vocab_size: int, name: str = "token_ids") -> TokenId
     # The common case, a list or tuple of plain ints, checked at C speed: prompts
     # of thousands of tokens are validated on every request.
     if type(token_ids) in (list, tuple) and token_ids and set(map(type, token_ids)) == {int}:
-        ids = tuple(token_ids)
-        if min(ids) >= 0 and max(ids) < vocab_size:
-            return ids
+        plain = tuple(token_ids)
+        if min(plain) >= 0 and max(plain) < vocab_size:
+            return plain
     if isinstance(token_ids, torch.Tensor):
         if token_ids.dim() != 1 or token_ids.is_floating_point() or token_ids.is_complex():
             raise TypeError(
@@ -117,7 +117,7 @@ def _as_ids(token_ids: Any, vocab_size: int, name: str = "token_ids") -> TokenId
         not isinstance(token_ids, Sequence) and not hasattr(token_ids, "__array__")
     ):
         raise TypeError(f"{name} must be a sequence of token ids, not {type(token_ids).__name__}")
-    ids = []
+    ids: list[int] = []
     for i, t in enumerate(token_ids):
         if isinstance(t, bool):
             raise TypeError(f"{name}[{i}] must be an int, not bool")
