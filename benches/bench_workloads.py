@@ -26,7 +26,7 @@ Every prompt is computed first, untimed, on every system. Runs alternate
 between the systems (A B C ... A B C ...), after the same warm-up; each figure
 is the best and the median of ``--repeats``. Per run: ms per step (the run's
 wall time / T), forward passes and tokens computed per step, peak resident
-memory above the run's start (sampled in the worker), distinct particles.
+memory above the run's start (the worker's own, see ``common.RssPeak``), distinct particles.
 Writes ``benches/results/workloads.json``.
 """
 

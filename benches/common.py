@@ -10,7 +10,7 @@
 - :class:`Worker` and :func:`serve` run a system in a process of its own,
   answering JSON requests; :class:`VLLMGenerate` is vLLM's ``LLM.generate`` in
   such a process (``benches/workers.py vllm``).
-- :class:`RssPeak` samples this process's resident memory while a run lasts.
+- :class:`RssPeak` gives this process's peak resident memory while a run lasts.
 
 Results file (``benches/results/<bench>.json``)::
 
@@ -196,10 +196,18 @@ def release_memory() -> None:
 
 
 class RssPeak:
-    """The peak resident memory of this process while the ``with`` block runs,
-    sampled every ``interval`` seconds in a thread; ``base_mb`` is the resident
-    memory at the start (after :func:`release_memory`), ``peak_mb`` the highest
-    seen. Where torch runs on CUDA, the CUDA allocator's peak is kept too."""
+    """The peak resident memory of this process while the ``with`` block runs.
+
+    On Linux the kernel keeps the peak (``VmHWM``), reset at the start through
+    ``/proc/self/clear_refs``, so nothing runs beside the measured code; elsewhere
+    a thread samples the resident memory every ``interval`` seconds. ``base_mb``
+    is the resident memory at the start (after :func:`release_memory`),
+    ``peak_mb`` the highest. Where torch runs on CUDA, the CUDA allocator's peak
+    is kept too.
+    """
+
+    _STATUS = Path("/proc/self/status")
+    _CLEAR = Path("/proc/self/clear_refs")
 
     def __init__(self, interval: float = 0.005):
         import psutil
@@ -207,12 +215,22 @@ class RssPeak:
         self._process = psutil.Process()
         self._interval = interval
         self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
         self.base_mb = self.peak_mb = 0.0
         self.cuda_base_mb: float | None = None
         self.cuda_peak_mb: float | None = None
 
     def _rss_mb(self) -> float:
         return self._process.memory_info().rss / 2**20
+
+    def _kernel_peak_mb(self) -> float | None:
+        try:
+            for line in self._STATUS.read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return None
 
     def _sample(self) -> None:
         while not self._stop.wait(self._interval):
@@ -225,17 +243,23 @@ class RssPeak:
     def __enter__(self) -> RssPeak:
         release_memory()
         self.base_mb = self.peak_mb = self._rss_mb()
+        try:
+            self._CLEAR.write_text("5")  # resets VmHWM to the current resident memory
+        except OSError:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
         if cuda := self._cuda():
             cuda.synchronize()
             cuda.reset_peak_memory_stats()
             self.cuda_base_mb = cuda.memory_allocated() / 2**20
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+        else:
+            self.peak_mb = max(self.peak_mb, self._kernel_peak_mb() or 0.0)
         self.peak_mb = max(self.peak_mb, self._rss_mb())
         if cuda := self._cuda():
             self.cuda_peak_mb = cuda.max_memory_allocated() / 2**20
