@@ -14,6 +14,7 @@ import anyio
 import numpy as np
 import pytest
 import torch
+from references import transformers_logprobs
 
 from genlm_anyio import AsyncTransformer, TokenCharacterTrie
 from genlm_anyio.trie import ParallelTokenCharacterTrie
@@ -32,13 +33,11 @@ def cuda_lm():
         yield lm
 
 
-def test_the_model_runs_on_the_device_and_a_lone_request_equals_the_uncached_pass(cuda_lm):
+def test_the_model_runs_on_the_device_and_a_lone_request_matches_plain_transformers(cuda_lm):
     assert cuda_lm.device.type == "cuda"
     ids = cuda_lm.tokenizer.encode("Montreal is a city in")
-    with torch.no_grad():
-        want = torch.log_softmax(cuda_lm.model(torch.tensor([ids], device="cuda")).logits[0, -1].float(), -1).cpu()
-    got = cuda_lm.next_token_logprobs_sync(ids)
-    torch.testing.assert_close(got.cpu(), want, atol=1e-4, rtol=0)
+    want = transformers_logprobs(cuda_lm.model, ids)
+    torch.testing.assert_close(cuda_lm.next_token_logprobs_sync(ids).cpu(), want, atol=1e-4, rtol=0)
 
 
 def test_extending_by_one_token_computes_one_token_and_batches_agree(cuda_lm):
@@ -65,16 +64,21 @@ def test_extending_by_one_token_computes_one_token_and_batches_agree(cuda_lm):
     got = anyio.run(batch)
     assert cuda_lm.stats.forward_passes - passes == 1
     for row, logps in zip(rows, got):
-        with torch.no_grad():
-            want = torch.log_softmax(cuda_lm.model(torch.tensor([row], device="cuda")).logits[0, -1].float(), -1)
-        torch.testing.assert_close(logps.cpu(), want.cpu(), atol=1e-3, rtol=0)
+        torch.testing.assert_close(logps.cpu(), transformers_logprobs(cuda_lm.model, row), atol=1e-3, rtol=0)
 
 
-def test_seeded_sampling_repeats(cuda_lm):
+def test_seeded_sampling_repeats_when_recomputed(cuda_lm):
     prompt = cuda_lm.tokenizer.encode("Once upon a time")
-    a = anyio.run(lambda: cuda_lm.sample(prompt, 8, [cuda_lm.tokenizer.eos_token_id], seed=3))
-    b = anyio.run(lambda: cuda_lm.sample(prompt, 8, [cuda_lm.tokenizer.eos_token_id], seed=3))
-    assert a == b and 0 < len(a) <= 8
+    eos = [cuda_lm.tokenizer.eos_token_id]
+    cuda_lm.clear_cache()
+    a = anyio.run(lambda: cuda_lm.sample(prompt, 8, eos, seed=3))
+    assert 0 < len(a) <= 8
+    # No cached keys, values or results: the second run computes the same passes again.
+    cuda_lm.clear_cache()
+    passes, hits = cuda_lm.stats.forward_passes, cuda_lm.stats.logprob_cache_hits
+    assert anyio.run(lambda: cuda_lm.sample(prompt, 8, eos, seed=3)) == a
+    assert cuda_lm.stats.forward_passes - passes == min(len(a) + 1, 8)
+    assert cuda_lm.stats.logprob_cache_hits == hits
 
 
 def test_the_parallel_trie_on_the_device_equals_the_rust_trie(cuda_lm):

@@ -5,6 +5,7 @@ constructor's arguments, loading by name, LoRA adapters (peft's and mlx-lm's for
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
 import sys
@@ -13,7 +14,8 @@ import anyio
 import pytest
 import torch
 from conftest import assets
-from prefix_engines import TEXTS, TOL, PrefixEngineContract, assert_matches_uncached, prompt, put
+from prefix_engines import TEXTS, PrefixEngineContract, assert_matches_reference, prompt, put
+from references import transformers_logprobs
 
 from genlm_anyio import AsyncMlxLM, load_model_by_name
 
@@ -24,6 +26,7 @@ pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install 'genl
 pytestmark = pytest.mark.slow
 
 PROB_TOL = 1e-3  # MLX against transformers, in probability
+MLX_TOL = 5e-4  # MLX against transformers, in log-probability: measured up to 1.4e-4 (other kernels)
 
 
 @pytest.fixture(scope="module")
@@ -42,22 +45,29 @@ class TestPrefixEngineContract(PrefixEngineContract):
     """The in-process engines' shared tests, on the MLX engine."""
 
     output_cache_size_arg = "cache_size"  # genlm-backend's AsyncMlxLM's name
+    tol = MLX_TOL
 
 
 @pytest.fixture(scope="module")
-def hf_logprobs():
+def reference(hf_parts):
+    """Plain transformers on the float32 folder MLX loads: the same weights."""
+    return functools.partial(transformers_logprobs, hf_parts[0])
+
+
+@pytest.fixture(scope="module")
+def hf_logprobs(hf_parts):
     """transformers' next-token log-probabilities of one plain forward pass, on a
-    float32 model folder (SmolLM2's, or another one)."""
+    float32 model folder (None: SmolLM2's; or another one)."""
     from transformers import AutoModelForCausalLM
 
     models = {}
 
-    @torch.no_grad()
     def run(ids, folder=None):
-        folder = str(folder or assets.smollm2_dir())
+        if folder is None:
+            return transformers_logprobs(hf_parts[0], ids)
         if folder not in models:
             models[folder] = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        return torch.log_softmax(models[folder](torch.tensor([ids])).logits[0, -1].float(), dim=-1)
+        return transformers_logprobs(models[folder], ids)
 
     return run
 
@@ -160,7 +170,7 @@ def test_lora_adapters_agree_with_transformers_and_run_beside_the_base_model(fre
         lone = fresh.next_token_logprobs_sync(p, lora_name="toy")
         assert_close_in_probability(lone, hf_logprobs(p, merged_dir))
         assert (lone - fresh.next_token_logprobs_sync(p)).abs().max() > 0.01  # the adapter changes the model
-        assert (fresh.next_token_logprobs_sync(p, lora_name="toy-mlx") - lone).abs().max() < TOL
+        assert_close_in_probability(fresh.next_token_logprobs_sync(p, lora_name="toy-mlx"), hf_logprobs(p, merged_dir))
         # Base and adapter rows in one forward pass, each row through its own weights.
         code = prompt(fresh, TEXTS[2])
         passes = fresh.stats.forward_passes
@@ -177,7 +187,7 @@ def test_lora_adapters_agree_with_transformers_and_run_beside_the_base_model(fre
         assert fresh.stats.forward_passes - passes == 1
         assert_close_in_probability(out["base"], hf_logprobs(other))
         assert_close_in_probability(out["toy"], hf_logprobs(other, merged_dir))
-        assert_matches_uncached(fresh, [code], [out["toy-code"]], lora_name="toy")
+        assert_close_in_probability(out["toy-code"], hf_logprobs(code, merged_dir))
         # Removing an adapter drops its cached keys and values, and its name.
         in_use = fresh.kv_cache.stats.in_use
         fresh.remove_lora("toy")
@@ -190,7 +200,7 @@ def test_lora_adapters_agree_with_transformers_and_run_beside_the_base_model(fre
             fresh.remove_lora(name)
 
 
-def test_bad_lora_folders_are_refused_with_the_reason(fresh, tmp_path):
+def test_bad_lora_folders_are_refused_with_the_reason(fresh, reference, tmp_path):
     with pytest.raises(ValueError, match="adapter_config.json"):
         fresh.add_new_lora(str(tmp_path), "nothing")
     (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "PREFIX_TUNING"}))
@@ -210,4 +220,4 @@ def test_bad_lora_folders_are_refused_with_the_reason(fresh, tmp_path):
         with pytest.raises(ValueError, match=match):
             fresh.add_new_lora(str(tmp_path), "wrong")
     assert fresh.loras == {}
-    assert_matches_uncached(fresh, [[1, 2, 3]], [fresh.next_token_logprobs_sync([1, 2, 3])])
+    assert_matches_reference(reference, [[1, 2, 3]], [fresh.next_token_logprobs_sync([1, 2, 3])], MLX_TOL)
