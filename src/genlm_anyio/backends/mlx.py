@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .base import Adapter, RequestFailed
-from .prefix import Job, PrefixCachedLM, positive_int
+from ..checks import check_int, positive_int
+from .base import Adapter, Query
+from .prefix import Job, PrefixCachedLM, model_lock
 
 _INSTALL = "the MLX backend needs mlx and mlx-lm: pip install 'genlm-anyio[mlx]' (on Linux also 'mlx[cpu]')"
 
@@ -202,8 +203,12 @@ class AsyncMlxLM(PrefixCachedLM):
         tokenizer: its Hugging Face tokenizer (or mlx-lm's wrapper of it).
         timeout: accepted for genlm-backend compatibility and kept as
             ``self.timeout``; there is no timer (see docs/runtime.md).
-        prefill_step_size: most new tokens in one forward pass (longer batches
-            are split between sequences).
+        prefill_step_size: most new (uncached) tokens one forward pass computes,
+            and most padded positions (rows times the longest row): a batch is
+            admitted by its requests' uncached tokens up to this many, larger
+            batches are split into several passes, and a prompt longer than
+            this is computed in chunks (genlm-backend's argument, whose prefill
+            steps it also sizes).
         cache_size: most results the output cache keeps (0 disables it).
         cache_opts: genlm-backend's output-cache options; ``move_to_cpu`` is
             accepted and changes nothing (results are in host memory).
@@ -231,8 +236,7 @@ class AsyncMlxLM(PrefixCachedLM):
 
         positive_int("prefill_step_size", prefill_step_size)
         positive_int("batch_size", batch_size)
-        if isinstance(cache_size, bool) or not isinstance(cache_size, int):
-            raise TypeError(f"cache_size must be an int, not {type(cache_size).__name__}")
+        check_int("cache_size", cache_size, minimum=0)
         unknown = set(cache_opts or {}) - {"move_to_cpu"}
         if unknown:
             raise ValueError(f"cache_opts has unknown option(s) {sorted(unknown)}; only move_to_cpu is accepted")
@@ -262,9 +266,11 @@ class AsyncMlxLM(PrefixCachedLM):
             kv_cache_bytes=kv_cache_bytes,
             logprob_cache_size=cache_size,
             logprob_cache_bytes=logprob_cache_bytes,
-            max_batch_tokens=prefill_step_size,
+            max_forward_tokens=prefill_step_size,
         )
         self.prefill_step_size = prefill_step_size
+        # Instances over one model share the adapters' modules patched into it.
+        self._lock = model_lock(mlx_lm_model)
         self._router = _Router()
         self._lora_modules: dict[str, Any] = {}  # module name -> its RoutedLoRALinear
         self._head = self._find_head()
@@ -425,18 +431,11 @@ class AsyncMlxLM(PrefixCachedLM):
         mx.eval(last, *new_kv)
         return _log_softmax(last), _to_torch(new_kv[0]), _to_torch(new_kv[1])
 
-    # -- uncached ---------------------------------------------------------------------
-    def next_token_logprobs_uncached(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
-        """One plain forward pass of ``token_ids`` alone (under adapter ``lora_name``),
-        with no cache: the reference the cached and batched results are checked against."""
+    def _plain_pass(self, query: Query) -> torch.Tensor:
         mx = _mlx()
-        query = self._query(token_ids, lora_name)
-        with self._lock:
-            if not self._registered(query.adapter):
-                self._result(RequestFailed.adapter_removed(query.adapter))  # type: ignore[arg-type]
-            # The head sees the last position only, as in the cached path.
-            logits = self._run_model(mx.array([query.ids], mx.int32), None, [len(query.ids) - 1], [query.adapter])
-            mx.eval(logits)
+        # The head sees the last position only, as in the cached path.
+        logits = self._run_model(mx.array([query.ids], mx.int32), None, [len(query.ids) - 1], [query.adapter])
+        mx.eval(logits)
         return _log_softmax(logits[0])
 
     def clear_cache(self) -> None:

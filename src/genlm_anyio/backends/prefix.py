@@ -1,11 +1,23 @@
 """What the backends that run the model in this process share: a prefix KV cache
 per token (:mod:`genlm_anyio.kv_cache`), a bounded output cache, and the planning
-of each batch into forward passes. A backend supplies one forward pass."""
+of each batch into forward passes. A backend supplies one forward pass.
+
+A request costs what it computes: the batcher admits requests by their uncached
+tokens (an extension of a cached sequence by one token counts one), and a batch
+becomes forward passes of at most ``max_forward_tokens`` new tokens each, the
+shortest requests first. A request with more new tokens than a pass has room
+for is computed in chunks (chunked prefill): each chunk's keys and values are
+stored, and the next chunk continues from them in a later pass. Rows are
+right-padded to the longest row of their pass, so a pass also holds at most
+``max_forward_tokens`` padded positions (rows times the longest row): a long
+chunk does not widen hundreds of one-token rows.
+"""
 
 from __future__ import annotations
 
 import abc
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,8 +25,9 @@ from typing import Any
 
 import torch
 
+from ..checks import check_int, check_number, positive_int
 from ..kv_cache import PrefixKVCache
-from .base import Adapter, AsyncLM, Query, RequestFailed, TokenIds
+from .base import Adapter, AsyncLM, Query, Request, RequestFailed, TokenIds
 
 
 @dataclass
@@ -24,13 +37,34 @@ class ComputeStats:
     forward_passes: int = 0
     tokens_computed: int = 0
     """Token positions run through the model (padding excluded)."""
+    largest_forward_tokens: int = 0
+    """The most tokens one forward pass computed (padding excluded)."""
     logprob_cache_hits: int = 0
     """Requests answered from the output cache without a forward pass."""
 
 
+# id(model) -> its lock; an entry goes with its model (models need not be hashable: mlx's are dicts).
+_MODEL_LOCKS: dict[int, threading.Lock] = {}
+_MODEL_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: Any) -> threading.Lock:
+    """The lock of ``model`` (a torch or mlx module), one per model object for as
+    long as it lives: every engine over it holds it for a forward pass and while
+    it changes the model (loads adapters into it, patches its modules), so that
+    several engines over one model never meet inside it."""
+    with _MODEL_LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(id(model))
+        if lock is None:
+            lock = _MODEL_LOCKS[id(model)] = threading.Lock()
+            weakref.finalize(model, _MODEL_LOCKS.pop, id(model), None).atexit = False
+        return lock
+
+
 @dataclass
 class Job:
-    """One sequence of a forward pass: cached prefix ``node`` (of length ``start``) and the tokens after it.
+    """One row of a forward pass: cached prefix ``node`` (of length ``start``) and
+    the tokens after it up to ``end`` (the whole query, or a chunk of it).
 
     ``path`` is the sequence as the KV trie knows it (see :meth:`PrefixCachedLM._path`).
     """
@@ -39,18 +73,17 @@ class Job:
     path: TokenIds
     node: Any
     start: int
+    end: int
 
     @property
     def new(self) -> TokenIds:
         """The token ids this pass computes."""
-        return self.query.ids[self.start :]
+        return self.query.ids[self.start : self.end]
 
-
-def positive_int(name: str, value: Any) -> int:
-    """``value``, if it is an int >= 1 (a bool is not); otherwise ValueError naming ``name``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an int >= 1, not {value!r}")
-    return value
+    @property
+    def final(self) -> bool:
+        """Whether this row ends the query (its logits are the answer), not a chunk before the end."""
+        return self.end == len(self.path)
 
 
 class PrefixCachedLM(AsyncLM):
@@ -60,7 +93,9 @@ class PrefixCachedLM(AsyncLM):
     Finished results are kept in a bounded LRU cache. Cached keys, values and
     results are never shared across LoRA adapters.
 
-    A backend implements :meth:`_forward_pass`; it is called with the lock held.
+    A backend implements :meth:`_forward_pass` and :meth:`_plain_pass`; they are
+    called with the lock held. A backend over a model object that other engines
+    may share sets ``self._lock`` to :func:`model_lock` of it.
     """
 
     def __init__(
@@ -76,19 +111,17 @@ class PrefixCachedLM(AsyncLM):
         kv_cache_bytes: int,
         logprob_cache_size: int,
         logprob_cache_bytes: int,
-        max_batch_tokens: int,
+        max_forward_tokens: int,
     ):
         # genlm-backend's batching timer: kept as ``self.timeout``; there is no timer here.
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise ValueError(f"timeout must be a number >= 0, not {timeout!r}")
-        self.timeout = float(timeout)
-        if logprob_cache_size < 0:
-            raise ValueError(f"logprob_cache_size must be >= 0, not {logprob_cache_size}")
-        if logprob_cache_bytes < 0:
-            raise ValueError(f"logprob_cache_bytes must be >= 0, not {logprob_cache_bytes}")
-        super().__init__(tokenizer, vocab_size, max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens)
+        self.timeout = check_number("timeout", timeout, minimum=0)
+        check_int("logprob_cache_size", logprob_cache_size, minimum=0)
+        check_int("logprob_cache_bytes", logprob_cache_bytes, minimum=0)
+        self.max_forward_tokens = positive_int("max_forward_tokens", max_forward_tokens)
+        """Most new tokens (and padded positions) one forward pass computes; a batch's
+        requests are admitted by their uncached tokens up to the same number."""
+        super().__init__(tokenizer, vocab_size, max_batch_size=max_batch_size, max_batch_tokens=max_forward_tokens)
         self.kv_cache = PrefixKVCache(kv_shape, kv_dtype, kv_device, kv_cache_bytes)
-        self._max_forward_tokens = max_batch_tokens
         self._outputs: OrderedDict[Query, torch.Tensor] = OrderedDict()
         self._outputs_size = logprob_cache_size
         self._outputs_budget = logprob_cache_bytes
@@ -106,6 +139,18 @@ class PrefixCachedLM(AsyncLM):
         on the CPU, and the keys and values of the computed tokens, each
         ``(tokens, layers, kv_heads, head_dim)``: the rows of every job in order.
         """
+
+    def _plain_pass(self, query: Query) -> torch.Tensor:
+        """(lock held) One plain forward pass of ``query`` alone, with no cache:
+        float32 ``(vocab_size,)`` log-probabilities on the CPU."""
+        raise NotImplementedError(f"{type(self).__name__} has no plain forward pass")
+
+    def next_token_logprobs_uncached(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
+        """One plain forward pass of ``token_ids`` alone (under adapter ``lora_name``),
+        with no cache: the reference the cached and batched results are checked against."""
+        with self._lock, torch.inference_mode():
+            # Adapters load and unload under this lock: the one resolved here stays until the pass ends.
+            return self._plain_pass(self._query(token_ids, lora_name))
 
     # -- the output cache ---------------------------------------------------------
     @property
@@ -159,14 +204,19 @@ class PrefixCachedLM(AsyncLM):
         return (query.ids[0] + query.adapter.serial * self.vocab_size, *query.ids[1:])
 
     # -- batches --------------------------------------------------------------------
+    def _request_size(self, request: Request) -> int:
+        """The tokens ``request`` computes: those after its longest cached prefix
+        (at least its last one), read from the KV trie without touching it."""
+        if not isinstance(request, Query):
+            return super()._request_size(request)
+        path = self._path(request)
+        return len(path) - self.kv_cache.cached_length(path, len(path) - 1)
+
     def _batch_logprobs(self, batch: list[Query]) -> list[torch.Tensor | RequestFailed]:
         with self._lock, torch.inference_mode():
             results: dict[Query, torch.Tensor | RequestFailed] = {}
             todo = []
             for query in batch:
-                if not self._registered(query.adapter):
-                    results[query] = RequestFailed.adapter_removed(query.adapter)  # type: ignore[arg-type]
-                    continue
                 hit = self._outputs.get(query)
                 if hit is not None:
                     self._outputs.move_to_end(query)
@@ -202,47 +252,93 @@ class PrefixCachedLM(AsyncLM):
         return [q for p, q in sorted(shared.items()) if not any(o != p and o[: len(p)] == p for o in shared)]
 
     def _run(self, queries: list[Query]) -> dict[Query, torch.Tensor]:
-        """Forward passes for ``queries`` (split by ``max_batch_tokens``), storing their KV."""
+        """Forward passes for ``queries`` (planned by :meth:`_plan`), storing their KV."""
         out: dict[Query, torch.Tensor] = {}
-        jobs = []
-        for query in queries:
-            path = self._path(query)
-            # The last token is always run: its logits are the answer.
-            node, start = self.kv_cache.match(path, len(path) - 1)
-            self.kv_cache.stats.prefix_tokens_reused += start
-            jobs.append(Job(query, path, node, start))
-        chunk: list[Job] = []
-        tokens = 0
-        for job in jobs:
-            new = len(job.path) - job.start
-            if chunk and tokens + new > self._max_forward_tokens:
-                out.update(self._forward(chunk))
-                chunk, tokens = [], 0
-            chunk.append(job)
-            tokens += new
-        if chunk:
-            out.update(self._forward(chunk))
+        todo = list(queries)
+        unchunked: set[Query] = set()  # their chunks' KV could not be kept: run whole
+        held: list[Any] = []  # the ends of chunks computed so far, pinned until their next pass
+        first = True
+        try:
+            while todo:
+                # Matched before every pass: a pass may store what the next one reuses.
+                jobs = [self._job(query) for query in todo]
+                if first:  # what the requests found cached (not their own earlier chunks)
+                    self.kv_cache.stats.prefix_tokens_reused += sum(job.start for job in jobs)
+                    first = False
+                plan = self._plan(jobs, unchunked)
+                results, kept = self._forward(plan)
+                out.update(results)
+                for node in held:
+                    self.kv_cache.pin(node, -1)
+                held = []
+                for job in plan:
+                    if job.final:
+                        continue
+                    if not kept:
+                        unchunked.add(job.query)
+                        continue
+                    node, _ = self.kv_cache.match(job.path, job.end)
+                    self.kv_cache.pin(node, +1)
+                    held.append(node)
+                todo = [query for query in todo if query not in out]
+        finally:
+            for node in held:
+                self.kv_cache.pin(node, -1)
         return out
 
-    def _forward(self, jobs: list[Job]) -> dict[Query, torch.Tensor]:
+    def _job(self, query: Query) -> Job:
+        """``query``'s row after its longest cached prefix, to its end."""
+        path = self._path(query)
+        # The last token is always run: its logits are the answer.
+        node, start = self.kv_cache.match(path, len(path) - 1)
+        return Job(query, path, node, start, len(path))
+
+    def _plan(self, jobs: list[Job], whole: set[Query]) -> list[Job]:
+        """The rows of the next forward pass: at most ``max_forward_tokens`` new
+        tokens, and as many padded positions (rows times the longest row). The
+        shortest jobs go first; the first one that does not fit whole is cut to
+        fill the pass (its first chunk; later passes continue it), unless it is
+        in ``whole`` (a job alone in a pass runs whole)."""
+        cap = self.max_forward_tokens
+        plan: list[Job] = []
+        tokens = width = 0
+        for job in sorted(jobs, key=lambda j: len(j.new)):
+            rows = len(plan) + 1
+            room = min(cap - tokens, cap // rows) if rows * width <= cap else 0
+            if len(job.new) <= room or (not plan and job.query in whole):
+                plan.append(job)
+                tokens, width = tokens + len(job.new), max(width, len(job.new))
+                continue
+            if room > 0 and job.query not in whole:
+                job.end = job.start + room
+                plan.append(job)
+            break
+        return plan
+
+    def _forward(self, jobs: list[Job]) -> tuple[dict[Query, torch.Tensor], bool]:
         """One forward pass of ``jobs``, keeping the keys and values of the tokens
-        no cached node holds yet."""
+        no cached node holds yet: the results of the jobs that end their query,
+        and whether the keys and values were kept."""
         cache = self.kv_cache
         for job in jobs:
             cache.pin(job.node, +1)
         try:
             logprobs, keys, values = self._forward_pass(jobs, [cache.slots(job.node) for job in jobs])
+            computed = sum(len(job.new) for job in jobs)
             self.stats.forward_passes += 1
-            self.stats.tokens_computed += sum(len(job.new) for job in jobs)
+            self.stats.tokens_computed += computed
+            self.stats.largest_forward_tokens = max(self.stats.largest_forward_tokens, computed)
             try:
                 # A token stored meanwhile (a fully cached request's last one) keeps its slot.
-                cache.store([(job.node, list(job.path[job.start :])) for job in jobs], keys, values)
+                cache.store([(job.node, list(job.path[job.start : job.end])) for job in jobs], keys, values)
+                kept = True
             except MemoryError:
-                pass  # the budget cannot hold this batch's tokens: computed, not kept
+                kept = False  # the budget cannot hold this pass's tokens: computed, not kept
         finally:
             for job in jobs:
                 cache.pin(job.node, -1)
-        return {job.query: self._remember(job.query, lp) for job, lp in zip(jobs, logprobs)}
+        results = {job.query: self._remember(job.query, lp) for job, lp in zip(jobs, logprobs) if job.final}
+        return results, kept
 
     def cache_kv(self, prompt_tokens: Sequence[int], lora_name: str | None = None) -> None:
         """Compute and cache the keys and values of ``prompt_tokens`` (and its
