@@ -9,13 +9,17 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use _core::vocab::{gguf_vocab, tokenizer_json, VocabError, SPARE_IDS};
 use proptest::prelude::*;
-use proptest::test_runner::{TestCaseError, TestRunner};
+use proptest::test_runner::{FileFailurePersistence, TestCaseError, TestRunner};
 use serde_json::{json, Map, Value};
 
 const CASES: u32 = 2048;
 
+/// Failures found here are saved to, and replayed first from, this file (commit it).
+const REGRESSIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rust/tests/readers_fuzz.proptest-regressions");
+
 fn config() -> ProptestConfig {
-    ProptestConfig { cases: CASES, failure_persistence: None, ..ProptestConfig::default() }
+    let persistence = FileFailurePersistence::Direct(REGRESSIONS);
+    ProptestConfig { cases: CASES, failure_persistence: Some(Box::new(persistence)), ..ProptestConfig::default() }
 }
 
 /// Run `test` on `CASES` values of `strategy`, then print how many it tried;

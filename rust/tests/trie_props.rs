@@ -2,6 +2,19 @@
 
 use _core::trie::{Trie, TrieError, WordKey};
 use proptest::prelude::*;
+use proptest::test_runner::{FailurePersistence, FileFailurePersistence};
+
+/// Failures proptest found, replayed before new cases (and added to on a new failure).
+const REGRESSIONS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/rust/tests/trie_props.proptest-regressions");
+
+fn regressions() -> Option<Box<dyn FailurePersistence>> {
+    Some(Box::new(FileFailurePersistence::Direct(REGRESSIONS)))
+}
+
+#[test]
+fn the_committed_regressions_are_found() {
+    assert!(regressions().unwrap().load_persisted_failures2(None).len() >= 2, "no seeds read from {REGRESSIONS}");
+}
 
 fn vocab() -> impl Strategy<Value = Vec<Vec<u8>>> {
     // A small alphabet (with 0x00 and 0xFF) makes shared prefixes and duplicates common.
@@ -30,7 +43,7 @@ fn close(a: f64, b: f64) -> bool {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: None, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 200, failure_persistence: regressions(), ..ProptestConfig::default() })]
 
     #[test]
     fn structure_matches_brute_force(v in vocab()) {
