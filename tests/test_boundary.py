@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import array
 import re
+import threading
 
 import numpy as np
 import pytest
@@ -205,6 +206,49 @@ def test_async_trie_refuses_a_bad_request_even_batched_with_good_ones(trie):
     for i in range(3):
         np.testing.assert_array_equal(outcomes[i], trie.weight_sum(good[i]))
     np.testing.assert_allclose(outcomes[4], trie.weight_sum(good[0]), rtol=1e-6)
+
+
+def test_an_array_another_thread_is_using_cannot_be_written_by_a_second_call():
+    """One thread fills ``out`` call after call (the GIL released while each
+    computes); another thread's calls that would write ``out`` or the first
+    thread's weights are refused, and reading those weights is shared."""
+    big = TokenCharacterTrie([Token(i, bytes([i % 251, i // 251])) for i in range(6000)])
+    ws = np.random.default_rng(3).random((200, big.vocab_size))
+    out = np.empty((200, big.num_nodes))
+    small = TokenCharacterTrie(VOCAB)
+    stop = threading.Event()
+
+    def fill():
+        while not stop.is_set():
+            big.batch_weight_sum(ws, out=out)
+
+    filler = threading.Thread(target=fill)
+    filler.start()
+    refused: dict[str, str] = {}
+    try:
+        for _ in range(100_000):
+            # Reading the weights the other call reads is allowed at any time.
+            np.testing.assert_allclose(big.weight_sum(ws[7])[big.root], ws[7].sum())
+            for name, target in [("out", out[0, : small.num_nodes]), ("weights", ws.reshape(-1)[: small.num_nodes])]:
+                if name not in refused:
+                    try:
+                        small.weight_sum(weights(), out=target)
+                    except ValueError as e:
+                        refused[name] = str(e)
+            if len(refused) == 2:
+                break
+    finally:
+        stop.set()
+        filler.join()
+    assert refused["out"].startswith("out shares memory with an array that another call into the core is writing now")
+    assert refused["weights"].startswith(
+        "out shares memory with an array that another call into the core is reading now"
+    )
+    # The filler's result is intact: each leaf holds its weight, the root the row's total.
+    big.batch_weight_sum(ws, out=out)
+    leaves = [big.token_node(i) for i in range(big.vocab_size)]
+    np.testing.assert_array_equal(out[:, leaves], ws)
+    np.testing.assert_allclose(out[:, big.root], ws.sum(axis=1))
 
 
 def test_a_large_batch_result_reuses_memory_only_once_nothing_holds_it():

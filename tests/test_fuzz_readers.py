@@ -3,12 +3,14 @@ of ``byte_vocab_from_tokenizer_json`` and ``byte_vocab_from_gguf``.
 
 Every call runs in a child process under a 2 GiB address-space limit
 (:mod:`fuzz_sandbox`), so a crash is a failing test. A call may only return a
-vocabulary or raise ValueError (TypeError for an argument of the wrong type).
+vocabulary or raise ValueError (TypeError for an argument of the wrong type); a
+file that cannot be read is an OSError instead.
 Each fuzz test prints how many cases it tried (``pytest -s``).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import struct
 
@@ -82,6 +84,20 @@ def write(tmp_path, data: bytes, name: str = "f.gguf") -> str:
     path = tmp_path / name
     path.write_bytes(data)
     return str(path)
+
+
+def test_a_file_that_cannot_be_read_is_an_os_error_and_a_malformed_one_a_value_error(sandbox, tmp_path):
+    missing = str(tmp_path / "missing.gguf")
+    assert sandbox.call("gguf", missing) == (
+        "error",
+        "FileNotFoundError",
+        f"[Errno {errno.ENOENT}] No such file or directory (opening it): {missing!r}",
+    )
+    # A directory opens, and its first read fails.
+    kind, name, message = sandbox.call("gguf", str(tmp_path))
+    assert (kind, name) == ("error", "IsADirectoryError") and message.endswith(f"(reading byte 0): {str(tmp_path)!r}")
+    bad = write(tmp_path, b"NOPE" + bytes(64))
+    assert outcome(sandbox, "gguf", bad) == f"malformed tokenizer: {bad}: not a GGUF file (bad magic)"
 
 
 def test_deeply_nested_arrays_are_an_error_not_a_stack_overflow(sandbox, tmp_path):

@@ -1,20 +1,31 @@
 """Type stubs of the Rust extension ``genlm_anyio._core`` (rust/src/py).
 
 Private: ``genlm_anyio.vocab`` and ``genlm_anyio.trie`` wrap it. Every entry
-point raises ValueError or TypeError for bad input (a Rust panic included),
-naming the argument. Arrays are objects exporting a buffer (numpy arrays,
-``memoryview``, ``array.array``...), which the core checks (element type,
-C-contiguity, shape; outputs also writable and apart from the inputs) and holds
-for the call.
+point reports failures through one conversion (rust/src/py/errors.rs): bad input
+is a ValueError or TypeError naming the argument, a file that cannot be read an
+OSError (``FileNotFoundError``, ``PermissionError``... with its ``filename``),
+and a Rust panic a ValueError naming the entry point. Arrays are objects
+exporting a buffer (numpy arrays, ``memoryview``, ``array.array``...), which the
+core checks (element type, C-contiguity, shape; outputs also writable and apart
+from the inputs) and holds for the call. While a call holds an array, another
+call (from another thread) that would write memory the first reads or writes,
+or read memory it writes, is refused with a ValueError naming the argument.
 """
 
 from collections.abc import Callable, Iterable, Sequence
 from os import PathLike
-from typing import Any, TypeAlias, final
+from typing import Any, Literal, TypeAlias, TypeVar, final, overload
+
+import numpy as np
 
 # An object exporting a buffer (numpy array, memoryview, array.array...). Any,
 # because numpy declares ``__buffer__`` (PEP 688) only from Python 3.12 on.
 _Buffer: TypeAlias = Any
+_Out = TypeVar("_Out")
+_Reduction: TypeAlias = Literal["sum", "max", "logsumexp"]
+# What ``reduce`` makes when given no ``out``: one value per node, per row if ``batch``.
+_PerNode: TypeAlias = np.ndarray[tuple[int], np.dtype[np.float64]]
+_PerNodeRows: TypeAlias = np.ndarray[tuple[int, int], np.dtype[np.float64]]
 
 __all__ = ["TrieCore", "copy_into", "vocab_from_gguf", "vocab_from_pieces", "vocab_from_tokenizer_json"]
 
@@ -33,7 +44,8 @@ def vocab_from_pieces(
     decoded by ``decoder`` (`tokenizers` decoder JSON) unless flagged ``verbatim``."""
 
 def vocab_from_gguf(path: str | PathLike[str], fallback: str) -> tuple[list[bytes], list[str]]:
-    """Bytes and string form of every token id of a GGUF file's vocabulary."""
+    """Bytes and string form of every token id of a GGUF file's vocabulary; OSError
+    if the file cannot be read, ValueError if it is not a well-formed GGUF tokenizer."""
 
 @final
 class TrieCore:
@@ -73,10 +85,15 @@ class TrieCore:
     def node_tokens(self, out: _Buffer) -> None:
         """Fill the int64 array ``out`` ``(num_nodes,)``."""
 
-    def parents(self, out: _Buffer) -> None:
+    def node_parents(self, out: _Buffer) -> None:
         """Fill the int64 array ``out`` ``(num_nodes,)``."""
 
-    def reduce(self, kind: str, ws: _Buffer, batch: bool, out: _Buffer | None) -> Any:
+    @overload
+    def reduce(self, kind: _Reduction, ws: _Buffer, batch: Literal[False], out: None) -> _PerNode: ...
+    @overload
+    def reduce(self, kind: _Reduction, ws: _Buffer, batch: Literal[True], out: None) -> _PerNodeRows: ...
+    @overload
+    def reduce(self, kind: _Reduction, ws: _Buffer, batch: bool, out: _Out) -> _Out:
         """Per-node ``"sum"``, ``"max"`` or ``"logsumexp"`` of the float32 or float64
         weights ``ws`` ``(V,)`` (``(B, V)`` if ``batch``) into the float64 array
         ``out`` ``(num_nodes,)`` (``(B, num_nodes)``), a new numpy array if None;

@@ -14,7 +14,10 @@
 //!   a bool mask `'?'`), in native byte order (TypeError otherwise);
 //! - C-contiguous, aligned for the element type, and of the expected shape
 //!   (ValueError otherwise);
-//! - for outputs, writable and not overlapping any input of the call (ValueError).
+//! - for outputs, writable and not overlapping any input of the call (ValueError);
+//! - across calls: no buffer a call writes overlaps one that another call,
+//!   running now on another thread, reads or writes, and no buffer a call reads
+//!   overlaps one that another call writes (ValueError; see [`Claim`]).
 //!
 //! Why the declarations below instead of `pyo3::buffer`: the extension is built
 //! against the stable ABI (abi3-py38), so one wheel serves every CPython from 3.8
@@ -31,6 +34,8 @@
 use std::marker::PhantomData;
 use std::ops::Range;
 use std::os::raw::{c_char, c_int, c_void};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::ffi::{PyObject, Py_ssize_t};
@@ -117,11 +122,75 @@ pub enum Dim {
     Any(&'static str),
 }
 
+/// The byte ranges of the buffers that calls into the core hold now, with
+/// whether the call writes them: the borrow registry of [`Claim`].
+static CLAIMED: Mutex<Vec<Claimed>> = Mutex::new(Vec::new());
+
+/// Numbers the claims, so that each removes its own entry.
+static NEXT_CLAIM: AtomicU64 = AtomicU64::new(0);
+
+struct Claimed {
+    id: u64,
+    bytes: Range<usize>,
+    writes: bool,
+}
+
+/// A call's claim on a buffer's bytes, from when it is checked until it is
+/// released, across the time the GIL is released.
+///
+/// Python threads can pass one array to two calls at once; the per-call check
+/// cannot see that, and the two calls would then hold a mutable slice and
+/// another slice of the same memory while they run without the GIL. So every
+/// buffer is claimed here, as a reader or a writer, and a claim that would
+/// alias is refused at once with a ValueError naming the argument (rather than
+/// waited for: two calls writing one output, or one reading what another
+/// writes, is a bug in the caller, and results written over each other would
+/// be wrong whatever the order). Readers share. Only calls into this module
+/// are seen; Python code writing an array that a call is reading is the
+/// caller's race, as with any C extension.
+struct Claim {
+    id: u64,
+}
+
+impl Claim {
+    fn new(name: &str, bytes: Range<usize>, writes: bool) -> PyResult<Option<Claim>> {
+        if bytes.is_empty() {
+            return Ok(None);
+        }
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let clash =
+            claimed.iter().find(|c| (writes || c.writes) && c.bytes.start < bytes.end && bytes.start < c.bytes.end);
+        if let Some(c) = clash {
+            let (what, action) = if c.writes { ("writing", "writes") } else { ("reading", "reads") };
+            let yours = if writes { "written" } else { "read" };
+            return Err(PyValueError::new_err(format!(
+                "{name} shares memory with an array that another call into the core is {what} now \
+                 (from another thread); an array that one call {action} cannot be {yours} by another \
+                 at the same time: give each call its own output"
+            )));
+        }
+        let id = NEXT_CLAIM.fetch_add(1, Ordering::Relaxed);
+        claimed.push(Claimed { id, bytes, writes });
+        Ok(Some(Claim { id }))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        let mut claimed = CLAIMED.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(at) = claimed.iter().position(|c| c.id == self.id) {
+            claimed.swap_remove(at);
+        }
+    }
+}
+
 /// A held buffer of any format: acquired, C-contiguous, released on drop.
 struct Held<'py> {
     view: Box<PyBufferView>,
     name: &'static str,
     shape: Vec<usize>,
+    /// Set once the buffer is checked for its use (see [`Held::claim`]).
+    claim: Option<Claim>,
     _py: Python<'py>,
 }
 
@@ -153,7 +222,7 @@ impl<'py> Held<'py> {
             // SAFETY: a filled Py_buffer's `shape` has `ndim` entries.
             unsafe { std::slice::from_raw_parts(view.shape, ndim) }.iter().map(|&d| d as usize).collect()
         };
-        let held = Held { view, name, shape, _py: py };
+        let held = Held { view, name, shape, claim: None, _py: py };
         if !held.is_c_contiguous() {
             return Err(PyValueError::new_err(format!("{name} must be C-contiguous")));
         }
@@ -255,6 +324,12 @@ impl<'py> Held<'py> {
         Ok(self)
     }
 
+    /// Register the buffer's bytes as read (or written) by this call until it is released.
+    fn claim(mut self, writes: bool) -> PyResult<Self> {
+        self.claim = Claim::new(self.name, self.bytes(), writes)?;
+        Ok(self)
+    }
+
     fn bytes(&self) -> Range<usize> {
         let start = self.view.buf as usize;
         start..start + self.view.len as usize
@@ -297,12 +372,16 @@ impl<'py, T: Element> Buffer<'py, T> {
     /// `obj`'s buffer, which must hold `T`s in the shape `shape`; errors name `name`.
     pub fn new(obj: &'py PyAny, name: &'static str, shape: &[Dim]) -> PyResult<Self> {
         let held = Held::acquire(obj, name)?.typed::<T>()?.expect_shape(shape)?;
-        Ok(Buffer { held, _t: PhantomData })
+        Buffer::reading(held)
     }
 
     /// `obj`'s buffer, which must hold `T`s, in any shape.
     pub fn of_any_shape(obj: &'py PyAny, name: &'static str) -> PyResult<Self> {
-        Ok(Buffer { held: Held::acquire(obj, name)?.typed::<T>()?, _t: PhantomData })
+        Buffer::reading(Held::acquire(obj, name)?.typed::<T>()?)
+    }
+
+    fn reading(held: Held<'py>) -> PyResult<Self> {
+        Ok(Buffer { held: held.claim(false)?, _t: PhantomData })
     }
 
     pub fn shape(&self) -> &[usize] {
@@ -315,9 +394,10 @@ impl<'py, T: Element> Buffer<'py, T> {
             return &[];
         }
         // SAFETY: the held buffer has `n` C-contiguous, aligned `T`s (checked in
-        // `new`) that stay in place until `self.held` releases it; other Python
-        // threads writing to them concurrently is the caller's race, as with any
-        // C extension reading an array without the GIL.
+        // `new`) that stay in place until `self.held` releases it, and its claim
+        // keeps every other call into the core from writing them meanwhile;
+        // Python code writing them concurrently is the caller's race, as with
+        // any C extension reading an array without the GIL.
         unsafe { std::slice::from_raw_parts(self.held.elements::<T>(), n) }
     }
 }
@@ -333,9 +413,9 @@ impl<'py> Floats<'py> {
     pub fn new(obj: &'py PyAny, name: &'static str, shape: &[Dim]) -> PyResult<Self> {
         let held = Held::acquire(obj, name)?;
         let floats = if held.holds::<f32>() {
-            Floats::F32(Buffer { held: held.aligned::<f32>()?.expect_shape(shape)?, _t: PhantomData })
+            Floats::F32(Buffer::reading(held.aligned::<f32>()?.expect_shape(shape)?)?)
         } else if held.holds::<f64>() {
-            Floats::F64(Buffer { held: held.aligned::<f64>()?.expect_shape(shape)?, _t: PhantomData })
+            Floats::F64(Buffer::reading(held.aligned::<f64>()?.expect_shape(shape)?)?)
         } else {
             return Err(PyTypeError::new_err(format!("{name} must hold float32 or float64, not {}", held.dtype())));
         };
@@ -365,9 +445,9 @@ impl<'py> Ints<'py> {
     pub fn new(obj: &'py PyAny, name: &'static str, shape: &[Dim]) -> PyResult<Self> {
         let held = Held::acquire(obj, name)?;
         let ints = if held.holds::<i32>() {
-            Ints::I32(Buffer { held: held.aligned::<i32>()?.expect_shape(shape)?, _t: PhantomData })
+            Ints::I32(Buffer::reading(held.aligned::<i32>()?.expect_shape(shape)?)?)
         } else if held.holds::<i64>() {
-            Ints::I64(Buffer { held: held.aligned::<i64>()?.expect_shape(shape)?, _t: PhantomData })
+            Ints::I64(Buffer::reading(held.aligned::<i64>()?.expect_shape(shape)?)?)
         } else {
             return Err(PyTypeError::new_err(format!("{name} must hold int32 or int64, not {}", held.dtype())));
         };
@@ -428,7 +508,7 @@ impl<'py, T: Element> BufferMut<'py, T> {
         if !mine.is_empty() && inputs.iter().map(|i| i.bytes()).any(|b| b.start < mine.end && mine.start < b.end) {
             return Err(PyValueError::new_err(format!("{name} must not share memory with an input")));
         }
-        Ok(BufferMut { held, _t: PhantomData })
+        Ok(BufferMut { held: held.claim(true)?, _t: PhantomData })
     }
 
     pub fn as_mut_slice(&mut self) -> &mut [T] {
@@ -437,8 +517,9 @@ impl<'py, T: Element> BufferMut<'py, T> {
             return &mut [];
         }
         // SAFETY: as in `Buffer::as_slice`, and the buffer is writable, overlaps
-        // no input of the call, and `&mut self` makes this the only slice of it
-        // that this thread holds.
+        // no input of the call, its claim keeps every other call from holding a
+        // slice of these bytes, and `&mut self` makes this the only slice of it
+        // that this call holds.
         unsafe { std::slice::from_raw_parts_mut(self.held.elements::<T>(), n) }
     }
 }
@@ -446,7 +527,7 @@ impl<'py, T: Element> BufferMut<'py, T> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use pyo3::types::PyDict;
+    use pyo3::types::{IntoPyDict, PyDict};
 
     fn eval<'py>(py: Python<'py>, code: &str) -> &'py PyAny {
         let globals = PyDict::new(py);
@@ -548,6 +629,57 @@ mod tests {
             );
             let apart = base.get_item(pyo3::types::PySlice::new(py, 4, 8, 1)).unwrap();
             assert!(BufferMut::<f64>::new(apart, "out", &[Dim::Is(4)], &[&input]).is_ok());
+        });
+    }
+
+    /// Runs `probe` on another thread, holding the GIL there, while this one
+    /// waits with the GIL released (as a call computing does).
+    fn from_another_thread<R: Send + 'static>(
+        py: Python<'_>,
+        obj: &PyAny,
+        probe: impl FnOnce(Python<'_>, &PyAny) -> R + Send + 'static,
+    ) -> R {
+        let obj: pyo3::PyObject = obj.into();
+        let other = std::thread::spawn(move || Python::with_gil(|py| probe(py, obj.as_ref(py))));
+        py.allow_threads(|| other.join().unwrap())
+    }
+
+    #[test]
+    fn a_buffer_another_call_writes_is_neither_read_nor_written_by_a_second_one() {
+        pyo3::prepare_freethreaded_python();
+        Python::with_gil(|py| {
+            let out = eval(py, "array.array('d', range(8))");
+            let writing = BufferMut::<f64>::new(out, "out", &[Dim::Is(8)], &[]).unwrap();
+            let (write, read) = from_another_thread(py, out, |py, out| {
+                let view = py.eval("memoryview(o)[6:]", None, Some([("o", out)].into_py_dict(py))).unwrap();
+                let write = message(py, BufferMut::<f64>::new(view, "out", &[Dim::Is(2)], &[]));
+                (write, message(py, Buffer::<f64>::new(out, "ws", &[Dim::Is(8)])))
+            });
+            assert!(write.starts_with("ValueError: out shares memory with an array that another call into the core is writing now (from another thread)"), "{write}");
+            assert!(
+                read.starts_with(
+                    "ValueError: ws shares memory with an array that another call into the core is writing now"
+                ),
+                "{read}"
+            );
+            drop(writing);
+            // Released: another thread may write it, and two may read it at once.
+            assert!(
+                from_another_thread(py, out, |_, out| BufferMut::<f64>::new(out, "out", &[Dim::Is(8)], &[]).is_ok())
+            );
+            let reading = Buffer::<f64>::new(out, "ws", &[Dim::Is(8)]).unwrap();
+            let (read, write) = from_another_thread(py, out, |py, out| {
+                let read = Buffer::<f64>::new(out, "ws", &[Dim::Is(8)]).is_ok();
+                (read, message(py, BufferMut::<f64>::new(out, "out", &[Dim::Is(8)], &[])))
+            });
+            assert!(read);
+            assert!(
+                write.starts_with(
+                    "ValueError: out shares memory with an array that another call into the core is reading now"
+                ),
+                "{write}"
+            );
+            drop(reading);
         });
     }
 

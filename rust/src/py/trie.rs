@@ -8,6 +8,7 @@ use pyo3::types::{PyBytes, PyLong, PyTuple};
 use pyo3::PyTypeInfo;
 
 use super::buffers::{Buffer, BufferMut, Dim, Floats, Ints};
+use super::errors::entry_point;
 use crate::trie::{Trie, TrieError, Weight, WordKey};
 
 /// `numpy.empty`, looked up once.
@@ -23,10 +24,6 @@ fn new_f64_array(py: Python<'_>, shape: Vec<usize>) -> PyResult<&PyAny> {
         }
     };
     empty.as_ref(py).call1((PyTuple::new(py, shape), "float64"))
-}
-
-fn to_py_err(e: TrieError) -> PyErr {
-    PyValueError::new_err(e.to_string())
 }
 
 /// The flat trie over a vocabulary's byte strings.
@@ -101,8 +98,154 @@ impl PyTrie {
     /// more for non-bytes symbols).
     #[new]
     fn new(py: Python<'_>, items: &PyAny, encode: &PyAny) -> PyResult<Self> {
-        // Bytes go into `flat`; the symbols of other entries into `encoded`, and
-        // only then does the build run over u32 symbols instead of bytes.
+        entry_point("TrieCore", || Self::build(py, items, encode))
+    }
+
+    #[getter]
+    fn num_nodes(&self) -> PyResult<usize> {
+        entry_point("TrieCore.num_nodes", || Ok(self.inner.num_nodes()))
+    }
+
+    #[getter]
+    fn vocab_size(&self) -> PyResult<usize> {
+        entry_point("TrieCore.vocab_size", || Ok(self.inner.vocab_size()))
+    }
+
+    #[getter]
+    fn root(&self) -> PyResult<u32> {
+        entry_point("TrieCore.root", || Ok(self.inner.root()))
+    }
+
+    /// The first duplicate pair of entries `(earlier, later)`, if any.
+    #[getter]
+    fn duplicate(&self) -> PyResult<Option<(usize, usize)>> {
+        entry_point("TrieCore.duplicate", || Ok(self.inner.duplicate()))
+    }
+
+    /// The index of the first plain `bytes` entry (not a token), if any.
+    #[getter]
+    fn first_plain(&self) -> PyResult<Option<usize>> {
+        entry_point("TrieCore.first_plain", || Ok(self.first_plain))
+    }
+
+    /// `(label, child)` pairs in increasing child order; the label is the edge's
+    /// symbol, or `-1 - i` for the leaf of entry `i`.
+    #[pyo3(text_signature = "($self, node)")]
+    fn children(&self, node: u32) -> PyResult<Vec<(i64, u32)>> {
+        entry_point("TrieCore.children", || {
+            let node = self.check_node(node)?;
+            let label = |c: u32| match self.inner.leaf_token(c) {
+                Some(t) => -1 - i64::from(t),
+                None => i64::from(self.inner.symbol(c).unwrap_or(0)),
+            };
+            Ok(self.inner.children(node).iter().map(|&c| (label(c), c)).collect())
+        })
+    }
+
+    #[pyo3(text_signature = "($self, prefix)")]
+    fn node_of(&self, prefix: &[u8]) -> PyResult<Option<u32>> {
+        entry_point("TrieCore.node_of", || Ok(self.inner.node_of_bytes(prefix)))
+    }
+
+    /// The symbols from the root to `node`.
+    #[pyo3(text_signature = "($self, node)")]
+    fn prefix(&self, node: u32) -> PyResult<Vec<u32>> {
+        entry_point("TrieCore.prefix", || Ok(self.inner.prefix(self.check_node(node)?)))
+    }
+
+    #[pyo3(text_signature = "($self, node)")]
+    fn parent(&self, node: u32) -> PyResult<Option<u32>> {
+        entry_point("TrieCore.parent", || Ok(self.inner.parent(self.check_node(node)?)))
+    }
+
+    /// `(start, stop)` of the node's entries in the sorted entry order.
+    #[pyo3(text_signature = "($self, node)")]
+    fn tokens_under_range(&self, node: u32) -> PyResult<(usize, usize)> {
+        entry_point("TrieCore.tokens_under_range", || Ok(self.inner.tokens_under_range(self.check_node(node)?)))
+    }
+
+    /// Fill the int64 array `out` (V,) with the entries in trie order.
+    #[pyo3(text_signature = "($self, out)")]
+    fn sorted_tokens(&self, out: &PyAny) -> PyResult<()> {
+        entry_point("TrieCore.sorted_tokens", || {
+            let sorted = self.inner.sorted_tokens().iter().map(|&t| i64::from(t));
+            Self::fill_i64(out, self.inner.vocab_size(), sorted)
+        })
+    }
+
+    /// Fill the int64 array `out` (V,) with each entry's leaf.
+    #[pyo3(text_signature = "($self, out)")]
+    fn token_leaves(&self, out: &PyAny) -> PyResult<()> {
+        entry_point("TrieCore.token_leaves", || {
+            let v = self.inner.vocab_size();
+            Self::fill_i64(out, v, (0..v).map(|t| i64::from(self.inner.token_leaf(t))))
+        })
+    }
+
+    /// Fill the int64 array `out` (num_nodes,) with each leaf's entry (-1 for prefix nodes).
+    #[pyo3(text_signature = "($self, out)")]
+    fn node_tokens(&self, out: &PyAny) -> PyResult<()> {
+        entry_point("TrieCore.node_tokens", || {
+            let n = self.inner.num_nodes() as u32;
+            Self::fill_i64(out, n as usize, (0..n).map(|c| self.inner.leaf_token(c).map_or(-1, i64::from)))
+        })
+    }
+
+    /// Fill the int64 array `out` (num_nodes,) with each node's parent (the root's is itself).
+    #[pyo3(text_signature = "($self, out)")]
+    fn node_parents(&self, out: &PyAny) -> PyResult<()> {
+        entry_point("TrieCore.node_parents", || {
+            let n = self.inner.num_nodes() as u32;
+            Self::fill_i64(out, n as usize, (0..n).map(|c| i64::from(self.inner.parent(c).unwrap_or(c))))
+        })
+    }
+
+    /// Per-node reduction (`"sum"`, `"max"`, `"logsumexp"`) of the float32 or
+    /// float64 weights `ws`, of shape (V,) (or (B, V) if `batch`), into the
+    /// float64 array `out`, (num_nodes,) (or (B, num_nodes)), a new numpy array
+    /// if None; returns `out`. The GIL is released while it computes.
+    #[pyo3(text_signature = "($self, kind, ws, batch, out)")]
+    fn reduce<'py>(
+        &self,
+        py: Python<'py>,
+        kind: &str,
+        ws: &'py PyAny,
+        batch: bool,
+        out: Option<&'py PyAny>,
+    ) -> PyResult<&'py PyAny> {
+        entry_point("TrieCore.reduce", || self.reduce_into(py, kind, ws, batch, out))
+    }
+
+    /// Tokens whose bytes start with `prefix`, into the bool mask `out` (V,).
+    #[pyo3(text_signature = "($self, prefix, out)")]
+    fn mask_startswith(&self, prefix: &[u8], out: &PyAny) -> PyResult<()> {
+        entry_point("TrieCore.mask_startswith", || {
+            Ok(self.inner.mask_startswith(prefix, self.mask_out(out, &[])?.as_mut_slice())?)
+        })
+    }
+
+    /// Tokens whose bytes are a prefix of `data`, into the bool mask `out` (V,).
+    #[pyo3(text_signature = "($self, data, out)")]
+    fn mask_prefix_of(&self, data: &[u8], out: &PyAny) -> PyResult<()> {
+        entry_point("TrieCore.mask_prefix_of", || {
+            Ok(self.inner.mask_prefix_of(data, self.mask_out(out, &[])?.as_mut_slice())?)
+        })
+    }
+
+    /// Tokens whose bytes drive the DFA `transitions` (int32 or int64, (S, 256))
+    /// from `state` through live states only, into the bool mask `out` (V,);
+    /// `live` is a bool array (S,).
+    #[pyo3(text_signature = "($self, transitions, state, live, out)")]
+    fn dfa_mask(&self, py: Python<'_>, transitions: &PyAny, state: i64, live: &PyAny, out: &PyAny) -> PyResult<()> {
+        entry_point("TrieCore.dfa_mask", || self.dfa_mask_into(py, transitions, state, live, out))
+    }
+}
+
+impl PyTrie {
+    /// `TrieCore(items, encode)`: bytes go into `flat`; the symbols of other
+    /// entries into `encoded`, and only then does the build run over u32
+    /// symbols instead of bytes.
+    fn build(py: Python<'_>, items: &PyAny, encode: &PyAny) -> PyResult<Self> {
         let mut flat: Vec<u8> = Vec::new();
         let mut ends: Vec<usize> = Vec::new();
         let mut encoded: Vec<(usize, Vec<u32>)> = Vec::new();
@@ -147,104 +290,8 @@ impl PyTrie {
         Ok(PyTrie { inner, first_plain })
     }
 
-    #[getter]
-    fn num_nodes(&self) -> usize {
-        self.inner.num_nodes()
-    }
-
-    #[getter]
-    fn vocab_size(&self) -> usize {
-        self.inner.vocab_size()
-    }
-
-    #[getter]
-    fn root(&self) -> u32 {
-        self.inner.root()
-    }
-
-    /// The first duplicate pair of entries `(earlier, later)`, if any.
-    #[getter]
-    fn duplicate(&self) -> Option<(usize, usize)> {
-        self.inner.duplicate()
-    }
-
-    /// The index of the first plain `bytes` entry (not a token), if any.
-    #[getter]
-    fn first_plain(&self) -> Option<usize> {
-        self.first_plain
-    }
-
-    /// `(label, child)` pairs in increasing child order; the label is the edge's
-    /// symbol, or `-1 - i` for the leaf of entry `i`.
-    #[pyo3(text_signature = "($self, node)")]
-    fn children(&self, node: u32) -> PyResult<Vec<(i64, u32)>> {
-        let node = self.check_node(node)?;
-        Ok(self
-            .inner
-            .children(node)
-            .iter()
-            .map(|&c| match self.inner.leaf_token(c) {
-                Some(t) => (-1 - i64::from(t), c),
-                None => (i64::from(self.inner.symbol(c).unwrap_or(0)), c),
-            })
-            .collect())
-    }
-
-    #[pyo3(text_signature = "($self, prefix)")]
-    fn node_of(&self, prefix: &[u8]) -> Option<u32> {
-        self.inner.node_of_bytes(prefix)
-    }
-
-    /// The symbols from the root to `node`.
-    #[pyo3(text_signature = "($self, node)")]
-    fn prefix(&self, node: u32) -> PyResult<Vec<u32>> {
-        Ok(self.inner.prefix(self.check_node(node)?))
-    }
-
-    #[pyo3(text_signature = "($self, node)")]
-    fn parent(&self, node: u32) -> PyResult<Option<u32>> {
-        Ok(self.inner.parent(self.check_node(node)?))
-    }
-
-    /// `(start, stop)` of the node's entries in the sorted entry order.
-    #[pyo3(text_signature = "($self, node)")]
-    fn tokens_under_range(&self, node: u32) -> PyResult<(usize, usize)> {
-        Ok(self.inner.tokens_under_range(self.check_node(node)?))
-    }
-
-    /// Fill the int64 array `out` (V,) with the entries in trie order.
-    #[pyo3(text_signature = "($self, out)")]
-    fn sorted_tokens(&self, out: &PyAny) -> PyResult<()> {
-        Self::fill_i64(out, self.inner.vocab_size(), self.inner.sorted_tokens().iter().map(|&t| i64::from(t)))
-    }
-
-    /// Fill the int64 array `out` (V,) with each entry's leaf.
-    #[pyo3(text_signature = "($self, out)")]
-    fn token_leaves(&self, out: &PyAny) -> PyResult<()> {
-        let v = self.inner.vocab_size();
-        Self::fill_i64(out, v, (0..v).map(|t| i64::from(self.inner.token_leaf(t))))
-    }
-
-    /// Fill the int64 array `out` (num_nodes,) with each leaf's entry (-1 for prefix nodes).
-    #[pyo3(text_signature = "($self, out)")]
-    fn node_tokens(&self, out: &PyAny) -> PyResult<()> {
-        let n = self.inner.num_nodes() as u32;
-        Self::fill_i64(out, n as usize, (0..n).map(|c| self.inner.leaf_token(c).map_or(-1, i64::from)))
-    }
-
-    /// Fill the int64 array `out` (num_nodes,) with each node's parent (the root's is itself).
-    #[pyo3(text_signature = "($self, out)")]
-    fn parents(&self, out: &PyAny) -> PyResult<()> {
-        let n = self.inner.num_nodes() as u32;
-        Self::fill_i64(out, n as usize, (0..n).map(|c| i64::from(self.inner.parent(c).unwrap_or(c))))
-    }
-
-    /// Per-node reduction (`"sum"`, `"max"`, `"logsumexp"`) of the float32 or
-    /// float64 weights `ws`, of shape (V,) (or (B, V) if `batch`), into the
-    /// float64 array `out`, (num_nodes,) (or (B, num_nodes)), a new numpy array
-    /// if None; returns `out`. The GIL is released while it computes.
-    #[pyo3(text_signature = "($self, kind, ws, batch, out)")]
-    fn reduce<'py>(
+    /// The body of `TrieCore.reduce`.
+    fn reduce_into<'py>(
         &self,
         py: Python<'py>,
         kind: &str,
@@ -286,28 +333,19 @@ impl PyTrie {
                 let w = w.as_slice();
                 py.allow_threads(|| reduction.run(trie, w, rows, dst))
             }
-        }
-        .map_err(to_py_err)?;
+        }?;
         Ok(out)
     }
 
-    /// Tokens whose bytes start with `prefix`, into the bool mask `out` (V,).
-    #[pyo3(text_signature = "($self, prefix, out)")]
-    fn mask_startswith(&self, prefix: &[u8], out: &PyAny) -> PyResult<()> {
-        self.inner.mask_startswith(prefix, self.mask_out(out, &[])?.as_mut_slice()).map_err(to_py_err)
-    }
-
-    /// Tokens whose bytes are a prefix of `data`, into the bool mask `out` (V,).
-    #[pyo3(text_signature = "($self, data, out)")]
-    fn mask_prefix_of(&self, data: &[u8], out: &PyAny) -> PyResult<()> {
-        self.inner.mask_prefix_of(data, self.mask_out(out, &[])?.as_mut_slice()).map_err(to_py_err)
-    }
-
-    /// Tokens whose bytes drive the DFA `transitions` (int32 or int64, (S, 256))
-    /// from `state` through live states only, into the bool mask `out` (V,);
-    /// `live` is a bool array (S,).
-    #[pyo3(text_signature = "($self, transitions, state, live, out)")]
-    fn dfa_mask(&self, py: Python<'_>, transitions: &PyAny, state: i64, live: &PyAny, out: &PyAny) -> PyResult<()> {
+    /// The body of `TrieCore.dfa_mask`.
+    fn dfa_mask_into(
+        &self,
+        py: Python<'_>,
+        transitions: &PyAny,
+        state: i64,
+        live: &PyAny,
+        out: &PyAny,
+    ) -> PyResult<()> {
         let table = Ints::new(transitions, "transitions", &[Dim::Any("S"), Dim::Is(256)])?;
         let n_states = table.shape()[0];
         let live = Buffer::<u8>::new(live, "live", &[Dim::Is(n_states)])?;
@@ -324,8 +362,8 @@ impl PyTrie {
                 let t = t.as_slice();
                 py.allow_threads(|| trie.dfa_mask(t, n_states, state, &alive, dst))
             }
-        }
-        .map_err(to_py_err)
+        }?;
+        Ok(())
     }
 }
 
@@ -334,10 +372,12 @@ impl PyTrie {
 #[pyfunction]
 #[pyo3(text_signature = "(src, out)")]
 fn copy_into(src: &PyAny, out: &PyAny) -> PyResult<()> {
-    let src = Buffer::<f64>::of_any_shape(src, "src")?;
-    let shape: Vec<Dim> = src.shape().iter().map(|&d| Dim::Is(d)).collect();
-    BufferMut::<f64>::new(out, "out", &shape, &[&src])?.as_mut_slice().copy_from_slice(src.as_slice());
-    Ok(())
+    entry_point("copy_into", || {
+        let src = Buffer::<f64>::of_any_shape(src, "src")?;
+        let shape: Vec<Dim> = src.shape().iter().map(|&d| Dim::Is(d)).collect();
+        BufferMut::<f64>::new(out, "out", &shape, &[&src])?.as_mut_slice().copy_from_slice(src.as_slice());
+        Ok(())
+    })
 }
 
 pub fn register(m: &PyModule) -> PyResult<()> {

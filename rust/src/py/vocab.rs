@@ -7,14 +7,10 @@ use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyList};
 
-use super::no_panic;
+use super::errors::entry_point;
 use crate::vocab::{gguf_vocab, tokenizer_json, PieceKind, RawVocab, StrFallback, VocabError};
 
 type Decoded = (Vec<Vec<u8>>, Vec<String>);
-
-fn to_py_err(e: VocabError) -> PyErr {
-    PyValueError::new_err(e.to_string())
-}
 
 fn parse_fallback(name: &str) -> PyResult<StrFallback> {
     StrFallback::parse(name).ok_or_else(|| {
@@ -37,11 +33,9 @@ fn to_python(py: Python<'_>, (bytes, strings): Decoded) -> (PyObject, PyObject) 
 #[pyfunction]
 #[pyo3(text_signature = "(text, fallback)")]
 fn vocab_from_tokenizer_json(py: Python<'_>, text: &str, fallback: &str) -> PyResult<(PyObject, PyObject)> {
-    no_panic("vocab_from_tokenizer_json", || {
+    entry_point("vocab_from_tokenizer_json", || {
         let fallback = parse_fallback(fallback)?;
-        let decoded = py
-            .allow_threads(|| tokenizer_json::read(text).and_then(|raw| decode(&raw, fallback)))
-            .map_err(to_py_err)?;
+        let decoded = py.allow_threads(|| tokenizer_json::read(text).and_then(|raw| decode(&raw, fallback)))?;
         Ok(to_python(py, decoded))
     })
 }
@@ -57,7 +51,7 @@ fn vocab_from_pieces(
     decoder: &str,
     fallback: &str,
 ) -> PyResult<(PyObject, PyObject)> {
-    no_panic("vocab_from_pieces", || {
+    entry_point("vocab_from_pieces", || {
         let fallback = parse_fallback(fallback)?;
         if verbatim.len() != pieces.len() {
             return Err(PyValueError::new_err(format!(
@@ -66,29 +60,27 @@ fn vocab_from_pieces(
                 pieces.len()
             )));
         }
-        let decoded = py
-            .allow_threads(|| {
-                let decoder = tokenizer_json::decoder_from_json(decoder)?;
-                let pieces = pieces
-                    .into_iter()
-                    .zip(verbatim)
-                    .map(|(p, v)| p.map(|p| (p.into_bytes(), if v { PieceKind::Verbatim } else { PieceKind::Decoded })))
-                    .collect();
-                decode(&RawVocab { pieces, decoder }, fallback)
-            })
-            .map_err(to_py_err)?;
+        let decoded = py.allow_threads(|| {
+            let decoder = tokenizer_json::decoder_from_json(decoder)?;
+            let pieces = pieces
+                .into_iter()
+                .zip(verbatim)
+                .map(|(p, v)| p.map(|p| (p.into_bytes(), if v { PieceKind::Verbatim } else { PieceKind::Decoded })))
+                .collect();
+            decode(&RawVocab { pieces, decoder }, fallback)
+        })?;
         Ok(to_python(py, decoded))
     })
 }
 
-/// Decode the vocabulary stored in a GGUF file.
+/// Decode the vocabulary stored in a GGUF file (OSError if it cannot be read,
+/// ValueError if it is not a well-formed GGUF tokenizer).
 #[pyfunction]
 #[pyo3(text_signature = "(path, fallback)")]
 fn vocab_from_gguf(py: Python<'_>, path: PathBuf, fallback: &str) -> PyResult<(PyObject, PyObject)> {
-    no_panic("vocab_from_gguf", || {
+    entry_point("vocab_from_gguf", || {
         let fallback = parse_fallback(fallback)?;
-        let decoded =
-            py.allow_threads(|| gguf_vocab::read(&path).and_then(|raw| decode(&raw, fallback))).map_err(to_py_err)?;
+        let decoded = py.allow_threads(|| gguf_vocab::read(&path).and_then(|raw| decode(&raw, fallback)))?;
         Ok(to_python(py, decoded))
     })
 }

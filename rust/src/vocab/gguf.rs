@@ -15,14 +15,27 @@ use std::path::Path;
 /// Why a GGUF file could not be read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum GgufError {
-    Io(String),
+    /// Opening, seeking or reading failed (a missing or unreadable file, a
+    /// failing disk): `errno` is the OS error code where there is one.
+    Io { errno: Option<i32>, message: String },
+    /// The bytes read are not a well-formed GGUF file.
     Format(String),
+}
+
+impl GgufError {
+    /// The I/O error `e`, met while doing `doing` ("reading byte 24").
+    fn io(e: &std::io::Error, doing: String) -> GgufError {
+        // `e`'s text without the " (os error N)" that Display appends: the code is kept apart.
+        let text = e.to_string();
+        let text = text.rfind(" (os error ").map_or(&text[..], |at| &text[..at]);
+        GgufError::Io { errno: e.raw_os_error(), message: format!("{text} ({doing})") }
+    }
 }
 
 impl std::fmt::Display for GgufError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            GgufError::Io(m) | GgufError::Format(m) => f.write_str(m),
+            GgufError::Io { message, .. } | GgufError::Format(message) => f.write_str(message),
         }
     }
 }
@@ -111,7 +124,7 @@ impl<R: Read> Reader<R> {
         if need > self.remaining() {
             return Err(self.truncated("value", need));
         }
-        self.inner.read_exact(buf).map_err(|e| GgufError::Io(format!("read failed at byte {}: {e}", self.offset)))?;
+        self.inner.read_exact(buf).map_err(|e| GgufError::io(&e, format!("reading byte {}", self.offset)))?;
         self.offset += need;
         Ok(())
     }
@@ -274,16 +287,19 @@ impl<R: Read> Reader<R> {
     }
 }
 
-/// Read the tokenizer metadata of the GGUF file at `path`.
+/// Read the tokenizer metadata of the GGUF file at `path`. A format error's
+/// message starts with the path; an I/O error's does not (the caller has it).
 pub fn read_tokenizer(path: &Path) -> Result<GgufTokenizer, GgufError> {
-    let file = File::open(path).map_err(|e| GgufError::Io(format!("cannot open {}: {e}", path.display())))?;
-    tokenizer_from_reader(BufReader::with_capacity(1 << 20, file))
-        .map_err(|e| GgufError::Format(format!("{}: {e}", path.display())))
+    let file = File::open(path).map_err(|e| GgufError::io(&e, "opening it".into()))?;
+    tokenizer_from_reader(BufReader::with_capacity(1 << 20, file)).map_err(|e| match e {
+        GgufError::Format(m) => GgufError::Format(format!("{}: {m}", path.display())),
+        io => io,
+    })
 }
 
 /// Read the tokenizer metadata from a GGUF stream (positioned anywhere; it is read from its start).
 pub fn tokenizer_from_reader<R: Read + Seek>(mut inner: R) -> Result<GgufTokenizer, GgufError> {
-    let io = |e: std::io::Error| GgufError::Io(e.to_string());
+    let io = |e: std::io::Error| GgufError::io(&e, "seeking".into());
     let len = inner.seek(SeekFrom::End(0)).map_err(io)?;
     inner.seek(SeekFrom::Start(0)).map_err(io)?;
     let mut r = Reader { inner, offset: 0, len };
@@ -449,6 +465,26 @@ mod tests {
         let mut wrong = tokenizer_kvs();
         wrong[2] = ("tokenizer.ggml.token_type", 9, str_array(&[b"1"]));
         assert!(err(&file(&wrong)).contains("not integers"));
+    }
+
+    #[test]
+    fn io_errors_are_told_apart_from_malformed_files() {
+        let missing = read_tokenizer(Path::new("/nonexistent/dir/missing.gguf")).unwrap_err();
+        assert!(
+            matches!(&missing, GgufError::Io { errno: Some(2), message } if message == "No such file or directory (opening it)"),
+            "{missing:?}"
+        );
+        // A directory opens on Linux and fails on the first read.
+        let dir = read_tokenizer(Path::new("/")).unwrap_err();
+        assert!(
+            matches!(&dir, GgufError::Io { errno: Some(_), message } if message.ends_with("(reading byte 0)")),
+            "{dir:?}"
+        );
+        let bad = std::env::temp_dir().join(format!("genlm-anyio-bad-{}.gguf", std::process::id()));
+        std::fs::write(&bad, b"GGML\x03\0\0\0").unwrap();
+        let malformed = read_tokenizer(&bad).unwrap_err();
+        std::fs::remove_file(&bad).unwrap();
+        assert_eq!(malformed, GgufError::Format(format!("{}: not a GGUF file (bad magic)", bad.display())));
     }
 
     #[test]

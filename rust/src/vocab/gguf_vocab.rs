@@ -10,7 +10,7 @@ use std::io::{Read, Seek};
 use std::path::Path;
 
 use super::decoder::{self, Decoder, Step};
-use super::gguf::{read_tokenizer, tokenizer_from_reader, GgufTokenizer};
+use super::gguf::{read_tokenizer, tokenizer_from_reader, GgufError, GgufTokenizer};
 use super::{PieceKind, RawVocab, VocabError};
 
 /// GGUF token types (llama.cpp's `llama_token_type`).
@@ -20,14 +20,25 @@ const BYTE: i32 = 6;
 
 /// Read the vocabulary of the GGUF file at `path`.
 pub fn read(path: &Path) -> Result<RawVocab, VocabError> {
-    let tok = read_tokenizer(path).map_err(|e| VocabError::Format(e.to_string()))?;
-    vocab_of(tok, &path.display().to_string())
+    let source = path.display().to_string();
+    let tok = read_tokenizer(path).map_err(|e| vocab_error(e, &source, false))?;
+    vocab_of(tok, &source)
 }
 
 /// Read the vocabulary of a GGUF stream; `source` names it in errors.
 pub fn read_from<R: Read + Seek>(stream: R, source: &str) -> Result<RawVocab, VocabError> {
-    let tok = tokenizer_from_reader(stream).map_err(|e| VocabError::Format(format!("{source}: {e}")))?;
+    let tok = tokenizer_from_reader(stream).map_err(|e| vocab_error(e, source, true))?;
     vocab_of(tok, source)
+}
+
+/// `e` as a vocabulary error about `source`; `name_source` puts its name into
+/// a format error's message.
+fn vocab_error(e: GgufError, source: &str, name_source: bool) -> VocabError {
+    match e {
+        GgufError::Io { errno, message } => VocabError::Io { path: source.to_owned(), errno, message },
+        GgufError::Format(m) if name_source => VocabError::Format(format!("{source}: {m}")),
+        GgufError::Format(m) => VocabError::Format(m),
+    }
 }
 
 fn vocab_of(tok: GgufTokenizer, source: &str) -> Result<RawVocab, VocabError> {

@@ -18,6 +18,9 @@ pub use decoder::{Decoder, Step};
 /// Why a vocabulary could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VocabError {
+    /// The file at `path` could not be read: `errno` is the OS error code where
+    /// there is one, `message` what failed.
+    Io { path: String, errno: Option<i32>, message: String },
     /// The input is not a well-formed tokenizer description.
     Format(String),
     /// A tokenizer kind or decoder step whose token bytes cannot be derived.
@@ -29,6 +32,7 @@ pub enum VocabError {
 impl std::fmt::Display for VocabError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            VocabError::Io { path, message, .. } => write!(f, "cannot read {path}: {message}"),
             VocabError::Format(m) => write!(f, "malformed tokenizer: {m}"),
             VocabError::Unsupported(m) => write!(f, "unsupported tokenizer: {m}"),
             VocabError::Undecodable(m) => write!(f, "cannot decode token: {m}"),

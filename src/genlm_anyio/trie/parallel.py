@@ -28,7 +28,7 @@ class ParallelTokenCharacterTrie(TokenCharacterTrie):
         super().__init__(decode, **kwargs)
         self.device: str = _device(device)
         parents = np.empty(self.num_nodes, dtype=np.int64)
-        self._core.parents(parents)
+        self._core.node_parents(parents)
         rows, cols = [], []
         nodes, tokens = self._token_leaves.copy(), np.arange(self.vocab_size)
         while len(nodes):
