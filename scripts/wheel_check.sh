@@ -119,5 +119,5 @@ print(type(trie).__module__, len(byte_vocab))
 EOF
 out=$("$PY" -m genlm_anyio.compat client.py "$MODEL")
 echo "$out"
-[ "$out" = "genlm_anyio.trie.rust 49152" ] || { echo "unexpected output from the compat runner"; exit 1; }
+[ "$out" = "genlm_anyio.trie.token_trie 49152" ] || { echo "unexpected output from the compat runner"; exit 1; }
 step="done"

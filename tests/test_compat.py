@@ -154,11 +154,11 @@ def test_the_switch_resolves_genlm_backend_to_genlm_anyio():
         import genlm.backend.llm.hf as hf
         import genlm.backend.trie.base as trie_base
         import genlm.backend.cache as cache
-        import genlm_anyio, genlm_anyio.backends.hf, genlm_anyio.trie.rust
+        import genlm_anyio, genlm_anyio.backends.hf, genlm_anyio.trie.token_trie
         from genlm.backend.llm.base import AsyncLM, MockAsyncLM
         assert MockAsyncLM is genlm_anyio.MockAsyncLM
         assert genlm.backend is genlm_anyio
-        assert hf is genlm_anyio.backends.hf and trie_base is genlm_anyio.trie.rust
+        assert hf is genlm_anyio.backends.hf and trie_base is genlm_anyio.trie.token_trie
         assert Token is genlm_anyio.Token and AsyncTransformer is genlm_anyio.AsyncTransformer
         assert cache.OutputCache.__module__ == "genlm_anyio.cache"
         print("switched")

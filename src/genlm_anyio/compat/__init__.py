@@ -49,7 +49,7 @@ _RENAMED = {
     "genlm.backend.llm.sgl": "genlm_anyio.backends.unavailable",
     "genlm.backend.tokenization.token": "genlm_anyio.vocab",
     "genlm.backend.tokenization.vocab": "genlm_anyio.vocab",
-    "genlm.backend.trie.base": "genlm_anyio.trie.rust",
+    "genlm.backend.trie.base": "genlm_anyio.trie.token_trie",
     "genlm.backend.trie.async_impl": "genlm_anyio.trie.async_trie",
 }
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .._lazy import lazy_exports
-from .rust import TokenCharacterTrie
+from .token_trie import TokenCharacterTrie
 
 if TYPE_CHECKING:
     from .async_trie import AsyncTokenCharacterTrie as AsyncTokenCharacterTrie

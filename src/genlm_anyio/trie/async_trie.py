@@ -11,7 +11,7 @@ import numpy as np
 from ..arrays import float_array
 from ..batching import Batcher, BatchStats, ClosedError
 from ..lifetime import Closeable
-from .rust import TokenCharacterTrie
+from .token_trie import TokenCharacterTrie
 
 _OPS = ("sum", "max")
 

@@ -10,7 +10,7 @@ import torch
 
 from .. import _core
 from ..arrays import is_torch_tensor
-from .rust import TokenCharacterTrie
+from .token_trie import TokenCharacterTrie
 
 
 class ParallelTokenCharacterTrie(TokenCharacterTrie):

@@ -10,7 +10,7 @@ import warnings
 import weakref
 from collections.abc import Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -19,7 +19,9 @@ from ..arrays import float_array
 
 __all__ = ["TokenCharacterTrie"]
 
-# Batch outputs this large come from a _Blocks pool (a fresh one costs more in
+_Reduction = Literal["sum", "max", "logsumexp"]
+
+# Batch outputs this large come from a _ResultBlockPool (a fresh one costs more in
 # first-touch page faults than the reduction).
 _POOL_MIN_BYTES = 16 << 20
 
@@ -97,7 +99,7 @@ class TokenCharacterTrie:
         self._core.sorted_tokens(self._sorted_tokens)
         self._token_leaves = np.empty(self.vocab_size, dtype=np.int64)
         self._core.token_leaves(self._token_leaves)
-        self._blocks = _Blocks()
+        self._result_pool = _ResultBlockPool()
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(vocab_size={self.vocab_size}, num_nodes={self.num_nodes})"
@@ -161,10 +163,6 @@ class TokenCharacterTrie:
         made on access."""
         return _Node2Prefix(self)
 
-    def _alloc_weights(self) -> np.ndarray:
-        """A zeroed float64 array with one entry per node."""
-        return np.zeros(self.num_nodes, dtype=np.float64)
-
     def _preprocess_ws(self, ws: Any) -> np.ndarray:
         """``ws`` (numpy, torch on any device, a sequence) as the numpy array the core reads."""
         return float_array(ws)
@@ -206,7 +204,7 @@ class TokenCharacterTrie:
     # writable, C-contiguous float64 array (or other buffer) of the result's shape,
     # sharing no memory with ``ws``. It is filled and returned. By default each
     # call returns a new array that shares memory with no live result (a large
-    # batch result may reuse a freed one's, see _Blocks). The core checks both
+    # batch result may reuse a freed one's, see _ResultBlockPool). The core checks both
     # arguments, naming them.
     def weight_sum(self, ws: Any, *, out: Any = None) -> np.ndarray:
         """Per node, the sum of ``ws`` (shape ``(V,)``) over the tokens under it:
@@ -235,10 +233,10 @@ class TokenCharacterTrie:
         """:meth:`weight_logsumexp` of each row of ``logws`` (shape ``(B, V)``) (into ``out`` if given)."""
         return self._batch("logsumexp", logws, out)
 
-    def _batch(self, kind: str, ws: Any, out: Any) -> np.ndarray:
+    def _batch(self, kind: _Reduction, ws: Any, out: Any) -> np.ndarray:
         arr = float_array(ws)
         if out is None and arr.ndim == 2 and arr.shape[1] == self.vocab_size:
-            out = self._blocks.array((arr.shape[0], self.num_nodes))
+            out = self._result_pool.array((arr.shape[0], self.num_nodes))
         return self._core.reduce(kind, arr, True, out)
 
     # -- navigation ---------------------------------------------------------------
@@ -316,8 +314,8 @@ class TokenCharacterTrie:
         return self._mask(self._core.dfa_mask, np.ascontiguousarray(table), int(state), live_arr)
 
 
-class _Blocks:
-    """Memory for large results, reused only once no array over it is left.
+class _ResultBlockPool:
+    """Memory blocks for large batch results, each reused only once no array over it is left.
 
     An array made by ``np.frombuffer(block)`` reaches ``block`` through a
     memoryview that numpy makes (its ``base``), and so does every view or slice
