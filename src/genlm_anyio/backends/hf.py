@@ -7,7 +7,7 @@ import contextlib
 import inspect
 import itertools
 import threading
-import weakref
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -19,14 +19,11 @@ import torch
 from ..checks import positive_int
 from . import shared_prefix
 from .base import Adapter
-from .prefix import Job, PrefixCachedLM
+from .prefix import Job, PrefixCachedLM, model_lock
 
 # peft's name for "no adapter" in a mixed-adapter batch.
 _BASE = "__base__"
 
-# Every AsyncTransformer over one torch model holds the model's lock for a forward
-# pass: the pass hooks the model's modules, and adapters are loaded into the model.
-_MODEL_LOCKS: weakref.WeakKeyDictionary[Any, threading.Lock] = weakref.WeakKeyDictionary()
 _INSTANCES = itertools.count()
 
 
@@ -136,6 +133,16 @@ def _attention_implementation(model: Any, name: str, current: _SharedPrefixPass)
         config._attn_implementation = before
 
 
+@contextlib.contextmanager
+def _peft_quiet() -> Iterator[None]:
+    """Silence peft's warnings about several adapters in one model and about the
+    "active" adapter: rows choose their adapter per pass, so neither applies."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Already found a `peft_config` attribute", category=UserWarning)
+        warnings.filterwarnings("ignore", message="Adapter .* was active which is now deleted", category=UserWarning)
+        yield
+
+
 def _adapter_names_hook(module: Any, args: tuple, kwargs: dict, names: list[str]) -> tuple[tuple, dict]:
     # peft's LoRA layers route each row of a batch through the adapter named for it.
     kwargs["adapter_names"] = names
@@ -210,7 +217,8 @@ class AsyncTransformer(PrefixCachedLM):
         )
         # transformers 5.2x renamed `past_key_values` to `cache`.
         self._cache_arg = "cache" if "cache" in inspect.signature(hf_model.forward).parameters else "past_key_values"
-        self._lock = _MODEL_LOCKS.setdefault(hf_model, threading.Lock())
+        # A pass hooks the model's modules and adapters load into the model: one lock per model.
+        self._lock = model_lock(hf_model)
         # Adapters live in the model, which other instances may share: peft names are per instance.
         self._peft_suffix = f"-genlm{next(_INSTANCES)}"
         self.reads_shared_prefixes = _reads_shared_prefixes(hf_model)
@@ -283,7 +291,8 @@ class AsyncTransformer(PrefixCachedLM):
         with self._lock:
             if replaced is not None:
                 self._drop_adapter(replaced)
-            self.model.load_adapter(adapter.path, adapter_name=self._peft_name(adapter))
+            with _peft_quiet():
+                self.model.load_adapter(adapter.path, adapter_name=self._peft_name(adapter))
             # Rows choose their adapter per forward pass; none may be switched off globally.
             self.model.enable_adapters()
 
@@ -294,7 +303,8 @@ class AsyncTransformer(PrefixCachedLM):
     def _drop_adapter(self, adapter: Adapter) -> None:
         """(lock held) Delete the adapter's weights and its cached results, KV included
         (its subtree: first tokens shifted by its serial, see :meth:`_path`)."""
-        self.model.delete_adapter(self._peft_name(adapter))
+        with _peft_quiet():
+            self.model.delete_adapter(self._peft_name(adapter))
         self._forget(adapter)
 
     @contextlib.contextmanager
