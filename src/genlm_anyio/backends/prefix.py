@@ -344,3 +344,8 @@ class PrefixCachedLM(AsyncLM):
         """Compute and cache the keys and values of ``prompt_tokens`` (and its
         next-token distribution), under adapter ``lora_name``."""
         self.next_token_logprobs_sync(prompt_tokens, lora_name=lora_name)
+
+    def reset_async_queries(self) -> None:
+        """genlm-backend's "clear any pending queries" after an interrupted inference:
+        nothing to do here, since a cancelled caller's request is already dropped
+        (and one still wanted by another caller runs for that caller)."""
