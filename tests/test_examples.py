@@ -1,6 +1,11 @@
-"""The seed example (unchanged apart from its import) and its trio rewrite run on
-the default model and print every particle with a probability; the trio
-constrained-SMC example completes only strings of its constraint."""
+"""The seed example is the shared program (unchanged apart from its import); the
+trio constrained-SMC example completes only strings of its constraint; benches/gpu.sh's
+benchmark runs at a small size.
+
+The seed examples themselves (asyncio and trio) and the ``genlm-anyio-demo``
+command run in scripts/wheel_check.sh (``make test-wheel``), from the installed
+wheel, where they check that every particle is printed and that the
+probabilities sum to one; they are not run a second time here."""
 
 from __future__ import annotations
 
@@ -25,32 +30,6 @@ def test_seed_example_is_the_shared_program_with_our_import():
     if not shared.exists():
         pytest.skip("../shared is not beside this checkout")
     assert (ROOT / "examples" / "seed_example.py").read_text() == shared.read_text()
-
-
-@pytest.mark.parametrize("script", ["seed_example.py", "seed_example_trio.py"])
-def test_seed_example_runs(script):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), str(assets.smollm2_dir())],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    ).stdout
-    probs = [float(p) for p in re.findall(r"\(probability: ([0-9.]+)\)", out)]
-    assert len(probs) == 10
-    assert sum(probs) == pytest.approx(1.0, abs=2e-3)
-
-
-def test_demo_entry_point_runs_under_asyncio_and_trio():
-    out = subprocess.run(
-        [sys.executable, "-m", "genlm_anyio.demo", str(assets.smollm2_dir()), "--particles", "4", "--max-tokens", "4"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=True,
-    ).stdout
-    assert "== asyncio: 4 particles" in out and "== trio: 4 particles" in out
-    assert len(re.findall(r"\(probability: ", out)) == 8
 
 
 def test_control_smc_trio_completes_only_strings_of_the_constraint():
