@@ -101,6 +101,15 @@ class Result:
         )
 
 
+# Parametrized tests on a stand-in carry its path in their ids: the lists hold it as $CACHE.
+def portable(nodeid: str) -> str:
+    return nodeid.replace(str(assets.CACHE), "$CACHE")
+
+
+def local(nodeid: str) -> str:
+    return nodeid.replace("$CACHE", str(assets.CACHE))
+
+
 def prepare(suite: str) -> Path:
     """A fresh copy of ``suite``'s tests (from its sdist), rewritten for this machine,
     in a folder of this run's own (runs at the same time do not share one)."""
@@ -171,7 +180,8 @@ def run(suite: str, selected: set[str] | None, reference: bool, left_out: re.Pat
         if selected is not None:
             prefix = suite + "::"
             (folder / "select.txt").write_text(
-                "".join(t[len(prefix) :] + "\n" for t in sorted(selected) if t.startswith(prefix)), encoding="utf-8"
+                "".join(local(t[len(prefix) :]) + "\n" for t in sorted(selected) if t.startswith(prefix)),
+                encoding="utf-8",
             )
             env["GENLM_ANYIO_CLIENT_SELECT"] = str(folder / "select.txt")
         print(f"== {suite} ({'genlm-backend' if reference else 'genlm-anyio'})", flush=True)
@@ -189,7 +199,7 @@ def run(suite: str, selected: set[str] | None, reference: bool, left_out: re.Pat
             ):
                 continue  # nothing of this part is selected: no engine start for nothing
             data = _pytest(folder, env, targets, reference, tag)
-            result.tests.update({f"{suite}::{t}": v for t, v in data["tests"].items()})
+            result.tests.update({f"{suite}::{portable(t)}": v for t, v in data["tests"].items()})
             for pattern, ids in data["deselected"].items():
                 matched.setdefault(pattern, []).extend(ids)
         result.seconds = time.monotonic() - start

@@ -11,8 +11,8 @@
 - **A report.** With ``GENLM_ANYIO_CLIENT_REPORT`` set to a file, each test's
   outcome (passed, failed, error, skipped, xfailed, xpassed), the first line of
   its error or skip reason, and whether it reached genlm-anyio are written
-  there as JSON at the end of the session, with ``"plugin": "clients_plugin"``
-  (which shows the plugin was loaded).
+  there as JSON after each test, with ``"plugin": "clients_plugin"`` (which
+  shows the plugin was loaded).
 - **Selection.** ``GENLM_ANYIO_CLIENT_SELECT`` names a file of node ids (one a
   line): only those run.
   ``GENLM_ANYIO_CLIENT_DESELECT`` names a JSON object of node-id regular
@@ -188,7 +188,15 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         )
 
 
+def pytest_runtest_logfinish(nodeid: str) -> None:
+    _write_report()  # after every test, so that a run stopped part-way leaves what it did
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
+    _write_report()
+
+
+def _write_report() -> None:
     path = os.environ.get("GENLM_ANYIO_CLIENT_REPORT")
     if not path:
         return
@@ -198,4 +206,6 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         "tests": {k: v for k, v in _RECORDER.tests.items() if v["outcome"] is not None},
         "deselected": _RECORDER.deselected,
     }
-    Path(path).write_text(json.dumps(report, indent=1, sort_keys=True), encoding="utf-8")
+    partial = Path(path).with_suffix(".partial")
+    partial.write_text(json.dumps(report, indent=1, sort_keys=True), encoding="utf-8")
+    partial.replace(path)
