@@ -424,6 +424,9 @@ class Worker:
         return Run(answer.pop("seconds"), answer)
 
     def close(self) -> None:
+        """End the worker (its input closed, then killed if it has not ended in 60 s); a second call does nothing."""
+        if self._log.closed:
+            return
         if self._proc.poll() is None:
             assert self._proc.stdin is not None
             self._proc.stdin.close()
