@@ -12,11 +12,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assets
+from references import TOL
 
 from genlm_anyio import AsyncTransformer
 from genlm_anyio.backends import shared_prefix
-
-TOL = 1e-4  # batched rows against the plain pass, in log-probability (tests/prefix_engines.py)
 
 
 # -- the planner ------------------------------------------------------------------------
