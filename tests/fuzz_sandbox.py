@@ -10,6 +10,7 @@ fresh child.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import select
@@ -97,6 +98,8 @@ class Sandbox:
     def call(self, op: str, *args: Any) -> tuple:
         """Run ``op(*args)`` in the child: ``("ok", value)`` or ``("error", type name, message)``."""
         if self._proc is None or self._proc.poll() is not None:
+            if self._proc is not None:
+                _close_pipes(self._proc)
             self._proc = self._start()
         proc = self._proc
         self.calls += 1
@@ -119,9 +122,20 @@ class Sandbox:
         raise Crashed(f"the child died ({why}) on {op}{_brief(args)}")
 
     def close(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.stdin.close()
-            self._proc.wait()
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                with contextlib.suppress(BrokenPipeError):
+                    self._proc.stdin.close()
+                self._proc.wait()
+            _close_pipes(self._proc)
+
+
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    """Close an ended child's pipes (left open, each is a ResourceWarning when collected)."""
+    for pipe in (proc.stdin, proc.stdout):
+        if pipe is not None:
+            with contextlib.suppress(BrokenPipeError):
+                pipe.close()
 
 
 def _brief(args: tuple) -> str:
