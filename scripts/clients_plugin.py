@@ -18,9 +18,11 @@
   ``GENLM_ANYIO_CLIENT_DESELECT`` names a JSON object of node-id regular
   expressions to reasons: matching tests are deselected, and the report says
   which pattern took which tests.
-- **No shrinking.** Hypothesis runs without its shrink phase: a failing
-  example is reported as first found (from the fixed seed), not minimised,
-  which only changes how a failure reads, and saves minutes per failing test.
+- **No shrinking, no deadline.** Hypothesis runs without its shrink phase (a
+  failing example is reported as first found from the fixed seed, not
+  minimised, which only changes how a failure reads and saves minutes per
+  failing test) and without its 200 ms per-example deadline, a wall-clock limit
+  that a busy machine exceeds.
 """
 
 from __future__ import annotations
@@ -106,7 +108,7 @@ def pytest_configure(config: pytest.Config) -> None:
         from hypothesis import Phase, settings
     except ImportError:
         return
-    settings.register_profile("clients", phases=[p for p in Phase if p is not Phase.shrink])
+    settings.register_profile("clients", phases=[p for p in Phase if p is not Phase.shrink], deadline=None)
     settings.load_profile("clients")
 
 
