@@ -2,8 +2,8 @@
 child process, and what happens when that process dies.
 
 Run it in a pytest process of its own (``pytest -m vllm tests/test_vllm_process.py``):
-vLLM fixes its settings (here: the multiprocess engine) for the whole process
-once an engine has started.
+vLLM fixes its settings for the whole process once an in-process engine has
+started, so the one in-process engine here starts last of all.
 """
 
 from __future__ import annotations
@@ -23,6 +23,34 @@ pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 DIED = "engine process died"
+
+
+def sis(lm: AsyncVirtualLM, particles: int = 8, steps: int = 6) -> tuple[list[list[int]], list[float]]:
+    """Sequential importance sampling as the seed example runs it: every particle
+    extends its sequence by one token per step, all of them at once, each drawn by
+    inverse CDF from a fixed uniform number; returns the sequences and their log weights."""
+    prompt = lm.tokenizer.encode("Montreal is")
+    uniforms = torch.rand(steps, particles, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    seqs, weights = [list(prompt) for _ in range(particles)], [0.0] * particles
+
+    async def main():
+        rows: list[torch.Tensor | None] = [None] * particles
+
+        async def one(i):
+            rows[i] = await lm.next_token_logprobs(seqs[i])
+
+        for t in range(steps):
+            async with anyio.create_task_group() as tg:
+                for i in range(particles):
+                    tg.start_soon(one, i)
+            for i, row in enumerate(rows):
+                cdf = row.double().exp().cumsum(0)
+                token = min(int(torch.searchsorted(cdf, uniforms[t, i] * cdf[-1])), lm.vocab_size - 1)
+                seqs[i].append(token)
+                weights[i] += row[token].item()
+
+    anyio.run(main)
+    return seqs, weights
 
 
 def test_a_killed_engine_process_fails_every_waiting_caller_and_close_returns(monkeypatch):
@@ -80,3 +108,25 @@ def test_a_killed_engine_process_fails_every_waiting_caller_and_close_returns(mo
         assert not [p for p in alive if p in engine], alive
     finally:
         lm.close()
+
+
+def test_sis_on_the_multiprocess_engine_equals_sis_in_process(monkeypatch):
+    """The same SIS run on the multiprocess engine (rows through logprobs=-1, over
+    the engine's socket) and then, once it is closed, on an in-process engine (rows
+    from genlm-anyio's logits processor): the same particles, the same weights.
+    Last in this file: see the module's docstring."""
+    monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
+    opts = {"dtype": "float32", "block_size": 32, "seed": 0}
+    runs = {}
+    for multiprocess in (True, False):
+        lm = AsyncVirtualLM.from_name(str(assets.smollm2_dir()), engine_opts=opts, multiprocess=multiprocess)
+        try:
+            assert (lm.engine._capture is None) is multiprocess
+            runs[multiprocess] = sis(lm)
+            # Step 1 asks once for the shared prompt; from step 3 on every particle resumes its session.
+            assert lm.engine.stats.sessions_resumed >= 8 * 4
+        finally:
+            lm.close()
+    (mp_seqs, mp_weights), (in_seqs, in_weights) = runs[True], runs[False]
+    assert mp_seqs == in_seqs
+    assert max(abs(a - b) for a, b in zip(mp_weights, in_weights)) < 1e-3
