@@ -126,7 +126,8 @@ class PrefixKVCache:
 
     def slots(self, node: _Node) -> list[int]:
         """The slots of the prefix ending at ``node``, in order."""
-        end, out = node, []
+        end = node
+        out: list[int] = []
         while node.parent is not None:
             known = self._slot_rows.get(node)
             if known is not None:

@@ -18,7 +18,7 @@ import torch
 
 from ..checks import positive_int
 from . import shared_prefix
-from .base import Adapter
+from .base import Adapter, Query
 from .prefix import Job, PrefixCachedLM, model_lock
 
 # peft's name for "no adapter" in a mixed-adapter batch.
@@ -179,8 +179,9 @@ class AsyncTransformer(PrefixCachedLM):
         logprob_cache_size: most results the output cache keeps (0 disables it).
         logprob_cache_bytes: most bytes the output cache keeps (default 256 MiB;
             each result is one float32 row of ``vocab_size``).
-        max_forward_tokens: most new tokens in one forward pass, and the most
-            uncached tokens a batch admits (a longer prompt is computed in chunks).
+        max_forward_tokens: most new tokens, and most padded positions (rows times
+            the longest row), in one forward pass, and the most uncached tokens a
+            batch admits (a longer prompt is computed in chunks).
     """
 
     def __init__(
@@ -400,15 +401,10 @@ class AsyncTransformer(PrefixCachedLM):
         return _SharedPrefixPass(groups, mask)
 
     # -- uncached ---------------------------------------------------------------------
-    def next_token_logprobs_uncached(self, token_ids: Sequence[int], lora_name: str | None = None) -> torch.Tensor:
-        """One plain forward pass of ``token_ids`` alone (under adapter ``lora_name``),
-        with no cache: the reference the cached and batched results are checked against."""
-        with self._lock, torch.inference_mode():
-            # Adapters load and unload under this lock: the one resolved here stays until the pass ends.
-            query = self._query(token_ids, lora_name)
-            # The output head sees the last position only, as in the cached path (and
-            # in transformers' generate): the head over one row and over all rows are
-            # different BLAS kernels, whose float32 results differ by ~1e-5.
-            with self._hooks([query.adapter], torch.tensor([len(query.ids) - 1])):
-                logits = self.model(torch.tensor([query.ids], device=self.device), use_cache=False).logits[0, -1]
+    def _plain_pass(self, query: Query) -> torch.Tensor:
+        # The output head sees the last position only, as in the cached path (and
+        # in transformers' generate): the head over one row and over all rows are
+        # different BLAS kernels, whose float32 results differ by ~1e-5.
+        with self._hooks([query.adapter], torch.tensor([len(query.ids) - 1])):
+            logits = self.model(torch.tensor([query.ids], device=self.device), use_cache=False).logits[0, -1]
         return torch.log_softmax(logits.float(), dim=-1).cpu()
