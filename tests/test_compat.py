@@ -39,7 +39,7 @@ LEFT_OUT = {
     "genlm.backend.llm.base:fail_futures",
     # The per-token logprob trie of the timer batching; genlm-anyio's caches are kv_cache.py's.
     "genlm.backend.cache:TokenTrie",
-    # vLLM's engine internals, replaced by genlm_anyio.backends.vllm_engine.
+    # vLLM's engine internals, replaced by the genlm_anyio.backends.vllm package.
     "genlm.backend.llm.vllm:BackendScheduler",
     "genlm.backend.llm.vllm:AsyncVirtualLM.release_all",
     "genlm.backend.llm.vllm:AsyncVirtualLM.cleanup",

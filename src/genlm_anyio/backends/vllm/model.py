@@ -107,8 +107,7 @@ class AsyncVirtualLM(AsyncLM):
                 f"prompt ({len(request.prompt)} tokens) plus max_tokens ({request.max_tokens}) "
                 f"exceeds the engine's max_model_len ({self.engine.max_model_len})"
             )
-        # This engine's batcher also takes sampling runs, which AsyncLM's batcher type (Query keys) leaves out.
-        return list(self._result(await self._batcher.submit(request)))  # type: ignore[arg-type]
+        return list(self._result(await self._batcher.submit(request)))
 
     def clear_cache(self) -> None:
         """Drop vLLM's prefix cache."""
