@@ -233,9 +233,10 @@ def update(results: list[Result], full: bool, left_out: re.Pattern | None) -> No
         for test_id, got in r.tests.items():
             if got["outcome"] in client_lists.FAILED:
                 old = known.get(test_id)
-                keep = old is not None and bool(old.error) and got["message"].startswith(old.error)
-                error = old.error if keep and old else got["message"]
-                failures[test_id] = client_lists.Known(error, old.reason if old else "")
+                if old is not None and old.matches(got["message"]):
+                    failures[test_id] = old
+                else:
+                    failures[test_id] = client_lists.Known(got["message"], old.reason if old else "")
             elif got["outcome"] in ("skipped", "xfailed"):
                 skips[test_id] = got["message"]
     client_lists.write_failures(failures)

@@ -236,3 +236,13 @@ def test_a_model_named_for_its_tokenizer_gets_the_tokenizer_of_its_family(tmp_pa
         'a = AutoTokenizer.from_pretrained("/tok/gpt-2")\nb = load_model_by_name("SMOLLM2")\n'
         'c = load_tokenizer("/tok/llama-spm", True)\n'
     )
+
+
+def test_further_error_lines_are_alternatives(lists):
+    known = client_lists.Known("IndexError", "why", also=("ValueError: token_ids",))
+    client_lists.write_failures({"s::t.py::fails": known}, client_lists.KNOWN_FAILURES)
+    assert client_lists.read_failures() == {"s::t.py::fails": known}
+    for message in ("IndexError: list index out of range", "ValueError: token_ids_list[0] holds 50255"):
+        assert client_lists.check("s", {**AS_LISTED, "s::t.py::fails": outcome("failed", message)}, None) == []
+    (problem,) = client_lists.check("s", {**AS_LISTED, "s::t.py::fails": outcome("failed", "KeyError: 3")}, None)
+    assert "fails differently" in problem
