@@ -214,6 +214,12 @@ def test_lora_rows_share_their_own_prompt_and_match_peft(lora_adapters, hf_parts
     assert (lora_rows[0] - base_rows[0]).abs().max().item() > 100 * TOL  # the adapter changes the rows
 
 
+def _tiny_config(config_class, tok, **fields):
+    """A tiny random model's config over ``tok``'s vocabulary: 4 heads sharing 2 key/value heads."""
+    shape = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
+    return config_class(vocab_size=len(tok), **shape, **fields)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2", "qwen3"])
 def test_every_supported_model_type_matches_its_own_attention(hf_parts, kind):
@@ -227,13 +233,10 @@ def test_every_supported_model_type_matches_its_own_attention(hf_parts, kind):
         "qwen3": transformers.Qwen3Config,
     }[kind]
     extra = {"sliding_window": None} if kind == "mistral" else {}
-    config = config_class(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
+    config = _tiny_config(
+        config_class,
+        tok,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         max_position_embeddings=1024,
         initializer_range=0.2,
@@ -259,14 +262,6 @@ def test_models_outside_the_supported_types_keep_their_attention(hf_parts):
     import transformers
 
     _, tok = hf_parts
-    config = transformers.MistralConfig(
-        vocab_size=len(tok),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=64,
-    )
+    config = _tiny_config(transformers.MistralConfig, tok, num_hidden_layers=1, sliding_window=64)
     with AsyncTransformer(transformers.AutoModelForCausalLM.from_config(config).eval(), tok) as lm:
         assert not lm.reads_shared_prefixes
