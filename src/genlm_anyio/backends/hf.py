@@ -14,11 +14,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..checks import positive_int
 from . import shared_prefix
 from .base import Adapter, Query
+from .padding import PaddedBatch, present
 from .prefix import Job, PrefixCachedLM, model_lock
 
 # peft's name for "no adapter" in a mixed-adapter batch.
@@ -297,16 +299,9 @@ class AsyncTransformer(PrefixCachedLM):
             # Rows choose their adapter per forward pass; none may be switched off globally.
             self.model.enable_adapters()
 
-    def _unload_adapter(self, adapter: Adapter) -> None:
-        with self._lock:
-            self._drop_adapter(adapter)
-
-    def _drop_adapter(self, adapter: Adapter) -> None:
-        """(lock held) Delete the adapter's weights and its cached results, KV included
-        (its subtree: first tokens shifted by its serial, see :meth:`_path`)."""
+    def _delete_adapter(self, adapter: Adapter) -> None:
         with _peft_quiet():
             self.model.delete_adapter(self._peft_name(adapter))
-        self._forget(adapter)
 
     @contextlib.contextmanager
     def _hooks(self, adapters: Sequence[Adapter | None], last: torch.Tensor) -> Iterator[None]:
@@ -330,9 +325,8 @@ class AsyncTransformer(PrefixCachedLM):
     def _forward_pass(self, jobs: list[Job], past: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from transformers import DynamicCache
 
-        news = [job.new for job in jobs]
-        width = max(len(n) for n in news)
-        batch = len(jobs)
+        padded = PaddedBatch.of([job.new for job in jobs], [len(p) for p in past])
+        width, batch = padded.width, len(jobs)
         split = shared_prefix.plan(past) if self.reads_shared_prefixes else None
         own = split.own if split is not None else past
         past_len = max(len(p) for p in own)
@@ -341,28 +335,22 @@ class AsyncTransformer(PrefixCachedLM):
         ):
             split, own, past_len = None, past, max(len(p) for p in past)
 
-        input_ids = torch.zeros((batch, width), dtype=torch.long)
-        position_ids = torch.zeros((batch, width), dtype=torch.long)
-        mask = torch.zeros((batch, past_len + width), dtype=torch.long)
-        for b, (p, n) in enumerate(zip(past, news)):
-            input_ids[b, : len(n)] = torch.tensor(n)
-            position_ids[b, : len(n)] = torch.arange(len(p), len(p) + len(n))
-            mask[b, : len(own[b])] = 1
-            mask[b, past_len : past_len + len(n)] = 1
         kv = DynamicCache()
         if past_len:
             keys, values = self.kv_cache.gather(own)
             _seed(kv, keys, values)
-        last = torch.tensor([len(n) - 1 for n in news])
+        last = torch.from_numpy(padded.last)
         inputs = {
-            "input_ids": input_ids.to(self.device),
-            "position_ids": position_ids.to(self.device),
+            "input_ids": torch.from_numpy(padded.tokens).to(self.device),
+            "position_ids": torch.from_numpy(padded.positions).to(self.device),
             "use_cache": True,
             self._cache_arg: kv,
         }
         with contextlib.ExitStack() as stack:
             if split is None:
-                inputs["attention_mask"] = mask.to(self.device)
+                # Each row's own past (right-padded to past_len), then its new tokens.
+                mask = np.concatenate([present([len(o) for o in own], past_len), present(padded.new_lengths, width)], 1)
+                inputs["attention_mask"] = torch.from_numpy(mask).to(self.device, torch.long)
             else:
                 stack.enter_context(
                     _attention_implementation(self.model, _SHARED_PREFIX_ATTENTION, self._pass(split, width))
@@ -376,7 +364,7 @@ class AsyncTransformer(PrefixCachedLM):
         logprobs = torch.log_softmax(logits[:, 0].float(), dim=-1).cpu()
         del logits
         # Per layer (batch, heads, width, dim) -> (batch * width, layers, heads, dim), padding left out.
-        index = torch.tensor([b * width + j for b, new in enumerate(news) for j in range(len(new))], device=self.device)
+        index = torch.from_numpy(padded.kept).to(self.device)
         flat = (-1, self.kv_cache.heads, self.kv_cache.head_dim)
         keys, values = (
             torch.stack(

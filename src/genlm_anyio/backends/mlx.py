@@ -18,6 +18,7 @@ import torch
 
 from ..checks import check_int, positive_int
 from .base import Adapter, Query
+from .padding import PaddedBatch, present
 from .prefix import Job, PrefixCachedLM, model_lock
 
 _INSTALL = "the MLX backend needs mlx and mlx-lm: pip install 'genlm-anyio[mlx]' (on Linux also 'mlx[cpu]')"
@@ -337,15 +338,9 @@ class AsyncMlxLM(PrefixCachedLM):
         else:
             setattr(owner, last, module)
 
-    def _unload_adapter(self, adapter: Adapter) -> None:
-        with self._lock:
-            self._drop_adapter(adapter)
-
-    def _drop_adapter(self, adapter: Adapter) -> None:
-        """(lock held) Delete the adapter's weights and its cached results."""
+    def _delete_adapter(self, adapter: Adapter) -> None:
         for routed in self._lora_modules.values():
             routed.adapters.pop(adapter.serial, None)
-        self._forget(adapter)
 
     def _route(self, adapters: Sequence[Adapter | None]) -> None:
         """(lock held) Send each row of the next forward pass through its adapter."""
@@ -395,20 +390,16 @@ class AsyncMlxLM(PrefixCachedLM):
 
     def _forward_pass(self, jobs: list[Job], past: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mx = _mlx()
-        news = [job.new for job in jobs]
-        lengths = [len(p) for p in past]
-        batch, width, past_len = len(jobs), max(len(n) for n in news), max(lengths)
-        tokens = np.zeros((batch, width), dtype=np.int32)
-        for b, new in enumerate(news):
-            tokens[b, : len(new)] = new
-        if all(len(n) == width for n in news) and all(length == past_len for length in lengths):
+        padded = PaddedBatch.of([job.new for job in jobs], [len(p) for p in past])
+        batch, width, past_len = len(jobs), padded.width, max(len(p) for p in past)
+        if padded.aligned:
             # Rows alike (a lone request, or particles in step): the model's own causal mask.
             offset: Any = past_len
             mask: Any = "causal" if width > 1 else None
         else:
-            offset = mx.array(lengths)
+            offset = mx.array(padded.past_lengths.astype(np.int32))
             grid = np.zeros((batch, 1, width, past_len + width), dtype=bool)
-            grid[:, 0, :, :past_len] = np.arange(past_len)[None, None, :] < np.array(lengths)[:, None, None]
+            grid[:, 0, :, :past_len] = present(padded.past_lengths, past_len)[:, None, :]
             grid[:, 0, :, past_len:] = np.tri(width, dtype=bool)
             mask = mx.array(grid)
         layers = self.kv_cache.layers
@@ -419,10 +410,10 @@ class AsyncMlxLM(PrefixCachedLM):
         else:
             caches = [_RowCache(None, offset, mask) for _ in range(layers)]
         last = self._run_model(
-            mx.array(tokens), caches, [len(n) - 1 for n in news], [job.query.adapter for job in jobs]
+            mx.array(padded.tokens.astype(np.int32)), caches, padded.last.tolist(), [job.query.adapter for job in jobs]
         ).astype(mx.float32)
         # (batch, heads, width, dim) per layer -> (batch * width, layers, heads, dim), padding left out.
-        rows = mx.array([b * width + j for b, new in enumerate(news) for j in range(len(new))])
+        rows = mx.array(padded.kept.astype(np.int32))
         new_kv = []
         for part in (0, 1):
             stacked = mx.stack([c.new[part] for c in caches], axis=1)  # (batch, layers, heads, width, dim)

@@ -93,8 +93,9 @@ class PrefixCachedLM(AsyncLM):
     Finished results are kept in a bounded LRU cache. Cached keys, values and
     results are never shared across LoRA adapters.
 
-    A backend implements :meth:`_forward_pass` and :meth:`_plain_pass`; they are
-    called with the lock held. A backend over a model object that other engines
+    A backend implements :meth:`_forward_pass` and :meth:`_plain_pass`, and for
+    LoRA adapters ``_load_adapter`` (which takes the lock) and
+    :meth:`_delete_adapter`; the others are called with the lock held. A backend over a model object that other engines
     may share sets ``self._lock`` to :func:`model_lock` of it.
     """
 
@@ -172,13 +173,23 @@ class PrefixCachedLM(AsyncLM):
             self._outputs_bytes -= self._outputs.popitem(last=False)[1].nbytes
         return row
 
-    def _forget(self, adapter: Adapter) -> None:
-        """(lock held) Drop every cached result of ``adapter``, KV included (its
-        subtree: first tokens shifted by its serial, see :meth:`_path`)."""
+    # -- adapters -----------------------------------------------------------------
+    def _delete_adapter(self, adapter: Adapter) -> None:
+        """(lock held) Delete ``adapter``'s weights from the model."""
+        raise NotImplementedError(f"{type(self).__name__} does not support LoRA adapters")
+
+    def _drop_adapter(self, adapter: Adapter) -> None:
+        """(lock held) Delete ``adapter``'s weights and every cached result of it,
+        KV included (its subtree: first tokens shifted by its serial, see :meth:`_path`)."""
+        self._delete_adapter(adapter)
         for query in [q for q in self._outputs if q.adapter is adapter]:
             self._outputs_bytes -= self._outputs.pop(query).nbytes
         shift = adapter.serial * self.vocab_size
         self.kv_cache.forget(range(shift, shift + self.vocab_size))
+
+    def _unload_adapter(self, adapter: Adapter) -> None:
+        with self._lock:
+            self._drop_adapter(adapter)
 
     def clear_cache(self) -> None:
         """Drop the KV cache and the output cache."""
