@@ -79,8 +79,8 @@ def main() -> None:
                 ratio(a.best, b.best),
                 f"{n * steps / a.best:.0f}; {n * steps / b.best:.0f}",
             )
-            print(f"    N={n} x {steps}: routing {many.stats}", flush=True)
-        table.notes.append(f"Routing over the {args.replicas} replicas in the whole run: {many.stats}.")
+            print(f"    N={n} x {steps}: routing {many.routing_stats}", flush=True)
+        table.notes.append(f"Routing over the {args.replicas} replicas in the whole run: {many.routing_stats}.")
     finally:
         one.close()
         many.close()

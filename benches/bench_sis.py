@@ -58,7 +58,7 @@ def contender(llm, prompt: list[int], eos: int, n: int, steps: int, batch_size: 
         saved = llm.batch_size if batch_size is not None else None
         if batch_size is not None:
             llm.batch_size = batch_size
-        stats = getattr(llm, "stats", None)
+        stats = getattr(llm, "compute_stats", None)
         before = getattr(stats, "forward_passes", None)
         try:
             seconds = timed(llm, prompt, n, steps, eos)

@@ -259,7 +259,7 @@ def run_sis(args: argparse.Namespace, systems: Systems, report: Report, tokenize
             f"{args.repeats} alternated runs of each system per size, after one warm-up run of each "
             f"({WARMUP[1]} x {WARMUP[2]} after {WARMUP[0]} tokens). vLLM: {args.vllm_engine}.",
             "A step is one token per particle (the seed program's last step, the EOS distribution, runs in the "
-            "timed part too). Forward passes and tokens computed are per step: genlm-anyio's from its llm.stats, "
+            "timed part too). Forward passes and tokens computed are per step: genlm-anyio's from its llm.compute_stats, "
             "genlm-backend's and the loop's from a hook on the model; vLLM's are not counted.",
         ],
     )

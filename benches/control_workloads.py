@@ -204,7 +204,7 @@ async def run(
         lm.cache_kv(prompt_ids)
     prefill_s = time.perf_counter() - start
     meter.reset()
-    stats = getattr(lm, "stats", None)
+    stats = getattr(lm, "compute_stats", None)
     before = counters(stats)
     profiler = cProfile.Profile() if profile else None
     with RssPeak() as memory, PassCounter(lm.model) as counter:

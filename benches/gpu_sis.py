@@ -83,7 +83,7 @@ def main() -> None:
             for n, steps in sizes:
                 seconds = timed(llm, prompt, n, steps, eos)
                 report.append(f"N={n} x {steps}  transformers  {n * steps / seconds:9.0f} tok/s   {seconds:7.2f} s")
-                print(f"  {report[-1]}; {llm.stats}", flush=True)
+                print(f"  {report[-1]}; {llm.compute_stats}", flush=True)
         if vllm_absent:
             report.append(f"(vLLM rows left out: {vllm_absent})")
         else:

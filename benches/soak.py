@@ -117,7 +117,7 @@ async def soak(lm: AsyncTransformer, args: argparse.Namespace) -> None:
     print(
         f"{counts['steps']} steps, {counts['requests']} requests, {counts['cancelled']} cancelled, "
         f"{counts['resamples']} resamplings, {counts['new']} new particles; "
-        f"{lm.stats.tokens_computed} tokens computed, {lm.kv_cache.stats.tokens_evicted} evicted, "
+        f"{lm.compute_stats.tokens_computed} tokens computed, {lm.kv_cache.stats.tokens_evicted} evicted, "
         f"worker alive: {lm._batcher._thread is not None and lm._batcher._thread.is_alive()}"
     )
 

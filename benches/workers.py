@@ -22,7 +22,7 @@ the prefill on the loop, one ``generate`` of the prompt on vLLM (its prefix
 cache). The timed part is T steps of N tokens, EOS masked out, and one more
 next-token distribution per particle (the seed program's final EOS step; vLLM's
 ``max_tokens`` is T + 1). The answer gives the seconds, the forward passes and
-tokens computed (genlm-anyio: its ``llm.stats``; genlm-backend and the loop: a
+tokens computed (genlm-anyio: its ``llm.compute_stats``; genlm-backend and the loop: a
 hook on the model), the distinct particles at the end, and resident memory
 (``common.RssPeak``).
 """
@@ -97,7 +97,7 @@ class PassCounter:
 
 
 def counters(stats: Any) -> dict[str, int]:
-    """The integer counters of an ``llm.stats`` object (genlm-anyio's ``ComputeStats``)."""
+    """The integer counters of an ``llm.compute_stats`` object (genlm-anyio's ``ComputeStats``)."""
     if stats is None:
         return {}
     values = (
@@ -134,7 +134,7 @@ def sis_ops(llm: Any, model: Any, default_batch_size: int | None) -> Ops:
         start = time.perf_counter()
         llm.cache_kv(prompt)
         prefill_s = time.perf_counter() - start
-        stats = getattr(llm, "stats", None)
+        stats = getattr(llm, "compute_stats", None)
         before = counters(stats)
         with RssPeak() as memory, PassCounter(model) as counter:
             start = time.perf_counter()

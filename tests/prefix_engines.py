@@ -99,7 +99,11 @@ class PrefixEngineContract:
         p = prompt(fresh)
         seqs = [p + [1000 + i] for i in range(16)]
         fresh.batch_next_token_logprobs_sync(seqs)
-        before = (fresh.stats.tokens_computed, fresh.stats.forward_passes, fresh.kv_cache.stats.prefix_tokens_reused)
+        before = (
+            fresh.compute_stats.tokens_computed,
+            fresh.compute_stats.forward_passes,
+            fresh.kv_cache.stats.prefix_tokens_reused,
+        )
         step = [s + [7] for s in seqs]
 
         async def extend_all():
@@ -110,21 +114,21 @@ class PrefixEngineContract:
             return out
 
         out = anyio.run(extend_all)
-        assert fresh.stats.tokens_computed - before[0] == 16
-        assert fresh.stats.forward_passes - before[1] == 1
+        assert fresh.compute_stats.tokens_computed - before[0] == 16
+        assert fresh.compute_stats.forward_passes - before[1] == 1
         assert fresh.kv_cache.stats.prefix_tokens_reused - before[2] == 16 * (len(p) + 1)
         assert_matches_reference(reference, step[:4], out[:4], self.tol)
 
     def test_shared_uncached_prefixes_and_identical_requests_are_computed_once(self, fresh):
         p = prompt(fresh, "Once upon a time there was")
-        before = fresh.stats.tokens_computed
+        before = fresh.compute_stats.tokens_computed
         fresh.batch_next_token_logprobs_sync([p + [5], p + [6], p + [5]])
         # p once, then one token for each distinct continuation.
-        assert fresh.stats.tokens_computed - before == len(p) + 2
-        before = fresh.stats.tokens_computed
-        hits = fresh.stats.logprob_cache_hits
+        assert fresh.compute_stats.tokens_computed - before == len(p) + 2
+        before = fresh.compute_stats.tokens_computed
+        hits = fresh.compute_stats.logprob_cache_hits
         fresh.next_token_logprobs_sync(p + [6])
-        assert fresh.stats.tokens_computed == before and fresh.stats.logprob_cache_hits == hits + 1
+        assert fresh.compute_stats.tokens_computed == before and fresh.compute_stats.logprob_cache_hits == hits + 1
 
     @pytest.mark.parametrize("run", [anyio.run, trio.run], ids=["asyncio", "trio"])
     def test_concurrent_callers_share_one_forward_pass(self, fresh, reference, run):
@@ -132,7 +136,7 @@ class PrefixEngineContract:
         seqs = [[(97 * n + j) % 40000 + 50 for j in range(n)] for n in range(1, 25, 3)]
         assert len({s[0] for s in seqs}) == len(seqs)
         batches, requests, shared = (fresh.batch_stats.batches, fresh.batch_stats.requests, fresh.batch_stats.shared)
-        passes, tokens = fresh.stats.forward_passes, fresh.stats.tokens_computed
+        passes, tokens = fresh.compute_stats.forward_passes, fresh.compute_stats.tokens_computed
 
         async def ask_all():
             out = [None] * (2 * len(seqs))
@@ -145,8 +149,8 @@ class PrefixEngineContract:
         assert fresh.batch_stats.batches - batches == 1
         assert fresh.batch_stats.requests - requests == 2 * len(seqs)
         assert fresh.batch_stats.shared - shared == len(seqs)
-        assert fresh.stats.forward_passes - passes == 1
-        assert fresh.stats.tokens_computed - tokens == sum(map(len, seqs))
+        assert fresh.compute_stats.forward_passes - passes == 1
+        assert fresh.compute_stats.tokens_computed - tokens == sum(map(len, seqs))
         # Equal by construction: each twice-asked sequence is one computed row, shared.
         assert all(torch.equal(a, b) for a, b in zip(out[: len(seqs)], out[len(seqs) :]))
         assert_matches_reference(reference, seqs, out, self.tol)
@@ -177,13 +181,15 @@ class PrefixEngineContract:
         with make(logprob_cache_bytes=5 * row) as lm:
             seqs = [[1000 + i, 7] for i in range(8)]
             lm.batch_next_token_logprobs_sync(seqs)
-            assert len(lm._outputs) == 5 and lm.output_cache_bytes == 5 * row
-            storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in lm._outputs.values()}
+            assert len(lm._logprob_cache) == 5 and lm.output_cache_bytes == 5 * row
+            storages = {
+                t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in lm._logprob_cache.values()
+            }
             assert list(storages.values()) == [row] * 5  # five storages of one row each: the (8, V) batch is freed
-            hits = lm.stats.logprob_cache_hits
+            hits = lm.compute_stats.logprob_cache_hits
             lm.next_token_logprobs_sync(seqs[-1])  # among the newest five
             lm.next_token_logprobs_sync(seqs[0])  # evicted
-            assert lm.stats.logprob_cache_hits == hits + 1
+            assert lm.compute_stats.logprob_cache_hits == hits + 1
             assert lm.output_cache_bytes == 5 * row
             lm.clear_cache()
             assert lm.output_cache_bytes == 0
@@ -238,10 +244,10 @@ class PrefixEngineContract:
         # The second run recomputes every step (no cached keys, values or results):
         # the same computations as the first, so the same tokens by construction.
         fresh.clear_cache()
-        passes, hits = fresh.stats.forward_passes, fresh.stats.logprob_cache_hits
+        passes, hits = fresh.compute_stats.forward_passes, fresh.compute_stats.logprob_cache_hits
         assert trio.run(lambda: fresh.sample(p, 8, eos, seed=3)) == a
-        assert fresh.stats.forward_passes - passes == min(len(a) + 1, 8)  # a step per token, and the eos step
-        assert fresh.stats.logprob_cache_hits == hits
+        assert fresh.compute_stats.forward_passes - passes == min(len(a) + 1, 8)  # a step per token, and the eos step
+        assert fresh.compute_stats.logprob_cache_hits == hits
         batch = anyio.run(lambda: fresh.batch_sample([p, p[:3]], 5, eos, temperature=0.7, seed=11))
         # Batched and lone rows differ within tol: the same tokens unless a draw falls
         # within tol of a boundary of the cumulative distribution (chance < 5 * tol).

@@ -43,9 +43,9 @@ def test_the_model_runs_on_the_device_and_a_lone_request_matches_plain_transform
 def test_extending_by_one_token_computes_one_token_and_batches_agree(cuda_lm):
     prompt = cuda_lm.tokenizer.encode("The capital of France")
     cuda_lm.next_token_logprobs_sync(prompt)
-    before = cuda_lm.stats.tokens_computed
+    before = cuda_lm.compute_stats.tokens_computed
     cuda_lm.next_token_logprobs_sync(prompt + [11])
-    assert cuda_lm.stats.tokens_computed - before == 1
+    assert cuda_lm.compute_stats.tokens_computed - before == 1
 
     rows = [prompt + [t] for t in range(20, 36)]
 
@@ -60,9 +60,9 @@ def test_extending_by_one_token_computes_one_token_and_batches_agree(cuda_lm):
                 tg.start_soon(one, i)
         return out
 
-    passes = cuda_lm.stats.forward_passes
+    passes = cuda_lm.compute_stats.forward_passes
     got = anyio.run(batch)
-    assert cuda_lm.stats.forward_passes - passes == 1
+    assert cuda_lm.compute_stats.forward_passes - passes == 1
     for row, logps in zip(rows, got):
         torch.testing.assert_close(logps.cpu(), transformers_logprobs(cuda_lm.model, row), atol=1e-3, rtol=0)
 
@@ -75,10 +75,10 @@ def test_seeded_sampling_repeats_when_recomputed(cuda_lm):
     assert 0 < len(a) <= 8
     # No cached keys, values or results: the second run computes the same passes again.
     cuda_lm.clear_cache()
-    passes, hits = cuda_lm.stats.forward_passes, cuda_lm.stats.logprob_cache_hits
+    passes, hits = cuda_lm.compute_stats.forward_passes, cuda_lm.compute_stats.logprob_cache_hits
     assert anyio.run(lambda: cuda_lm.sample(prompt, 8, eos, seed=3)) == a
-    assert cuda_lm.stats.forward_passes - passes == min(len(a) + 1, 8)
-    assert cuda_lm.stats.logprob_cache_hits == hits
+    assert cuda_lm.compute_stats.forward_passes - passes == min(len(a) + 1, 8)
+    assert cuda_lm.compute_stats.logprob_cache_hits == hits
 
 
 def test_the_parallel_trie_on_the_device_equals_the_rust_trie(cuda_lm):

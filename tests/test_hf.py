@@ -94,9 +94,9 @@ def test_genlm_backend_arguments_batch_size_timeout_and_clear_kv_cache(hf_parts)
         lm.next_token_logprobs_sync([1, 2, 3])
         lm.clear_kv_cache()
         assert lm.kv_cache.stats.in_use == 0
-        hits = lm.stats.logprob_cache_hits
+        hits = lm.compute_stats.logprob_cache_hits
         lm.next_token_logprobs_sync([1, 2, 3])
-        assert lm.stats.logprob_cache_hits == hits + 1
+        assert lm.compute_stats.logprob_cache_hits == hits + 1
     with pytest.raises(ValueError, match="timeout"):
         AsyncTransformer(model, tok, 10, -1)
 

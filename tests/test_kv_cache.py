@@ -236,9 +236,9 @@ def test_128_distinct_prompts_are_cached_and_each_step_computes_128_tokens(smoll
     seqs = [[1000 + 97 * i] + [rng.randrange(1000, 40000) for _ in range(20)] for i in range(128)]
     prompt_tokens = sum(map(len, seqs))
     assert prompt_tokens > 2048  # beyond the pool's first size and its first doubling
-    before = lm.stats.tokens_computed
+    before = lm.compute_stats.tokens_computed
     lm.batch_next_token_logprobs_sync(seqs)
-    assert lm.stats.tokens_computed - before == prompt_tokens
+    assert lm.compute_stats.tokens_computed - before == prompt_tokens
     assert lm.kv_cache.stats.in_use == prompt_tokens and lm.kv_cache.stats.tokens_evicted == 0
 
     async def step(seqs):
@@ -254,9 +254,9 @@ def test_128_distinct_prompts_are_cached_and_each_step_computes_128_tokens(smoll
 
     for token in (11, 12):
         seqs = [s + [token] for s in seqs]
-        before = lm.stats.tokens_computed
+        before = lm.compute_stats.tokens_computed
         out = anyio.run(step, seqs)
-        assert lm.stats.tokens_computed - before == 128
+        assert lm.compute_stats.tokens_computed - before == 128
     for s, got in list(zip(seqs, out))[::43]:
         assert_close_to(transformers_logprobs(lm.model, s), got, f"{len(s)} tokens")
 

@@ -112,7 +112,7 @@ async def _ask_concurrently(lm, seqs):
 
 
 def _counts(lm):
-    return lm.stats.forward_passes, lm.stats.tokens_computed, lm.batch_stats.batches
+    return lm.compute_stats.forward_passes, lm.compute_stats.tokens_computed, lm.batch_stats.batches
 
 
 def _since(lm, before):
@@ -158,7 +158,7 @@ def test_a_prompt_longer_than_a_forward_pass_is_computed_in_chunks(engine, refer
         alone = lm.next_token_logprobs_sync(prompt)
         # Chunks of the cap (the last one shorter), each chunk's keys and values kept for the next.
         assert _since(lm, before) == (-(-prompt_tokens // cap), prompt_tokens, 1), kind
-        assert lm.stats.largest_forward_tokens == cap
+        assert lm.compute_stats.largest_forward_tokens == cap
         assert lm.kv_cache.stats.in_use == prompt_tokens
         _assert_matches(kind, close, reference, [prompt], [alone])
 
@@ -169,5 +169,5 @@ def test_a_prompt_longer_than_a_forward_pass_is_computed_in_chunks(engine, refer
         before = _counts(lm)
         out = anyio.run(_ask_concurrently, lm, [*particles, other])
         assert _since(lm, before) == (1 + -(-other_tokens // cap), len(particles) + other_tokens, 2), kind
-        assert lm.stats.largest_forward_tokens == cap
+        assert lm.compute_stats.largest_forward_tokens == cap
         _assert_matches(kind, close, reference, [particles[0], other], [out[0], out[-1]])

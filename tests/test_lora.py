@@ -95,7 +95,7 @@ def test_mixed_batch_runs_every_adapter_in_one_forward_pass(fresh, reference):
     p = ids_of(fresh, "Once upon a time")
     q = ids_of(fresh, "In the beginning there was")
     requests = [(p, None), (p, "shifted"), (p, "shifted2"), (q, "shifted"), (q, None), (q, "shifted2")]
-    before = (fresh.stats.forward_passes, fresh.stats.tokens_computed)
+    before = (fresh.compute_stats.forward_passes, fresh.compute_stats.tokens_computed)
 
     async def all_at_once():
         out = [None] * len(requests)
@@ -110,8 +110,8 @@ def test_mixed_batch_runs_every_adapter_in_one_forward_pass(fresh, reference):
 
     results = anyio.run(all_at_once)
     # One forward pass; no prefix shared across adapters, so every token computed once per adapter.
-    assert fresh.stats.forward_passes - before[0] == 1
-    assert fresh.stats.tokens_computed - before[1] == 3 * len(p) + 3 * len(q)
+    assert fresh.compute_stats.forward_passes - before[0] == 1
+    assert fresh.compute_stats.tokens_computed - before[1] == 3 * len(p) + 3 * len(q)
     for (ids, name), got in zip(requests, results):
         assert close(got, reference(ids, name)), (len(ids), name)
     # The same ids under two adapters are two answers.
@@ -121,7 +121,7 @@ def test_mixed_batch_runs_every_adapter_in_one_forward_pass(fresh, reference):
 def test_caches_are_per_adapter(fresh, reference):
     p = ids_of(fresh, "A cache per adapter")
     fresh.next_token_logprobs_sync(p, lora_name="shifted")
-    stats, kv = fresh.stats, fresh.kv_cache.stats
+    stats, kv = fresh.compute_stats, fresh.kv_cache.stats
     before = (stats.tokens_computed, stats.logprob_cache_hits, kv.prefix_tokens_reused)
     # Same ids, other adapter, base: neither the output cache nor the KV of "shifted" serves them.
     other = fresh.next_token_logprobs_sync(p, lora_name="shifted2")
@@ -135,7 +135,7 @@ def test_caches_are_per_adapter(fresh, reference):
     fresh.next_token_logprobs_sync(p + [9], lora_name="shifted")
     assert stats.tokens_computed - before[0] == 2 * len(p) + 1
     assert kv.prefix_tokens_reused - before[2] == len(p)
-    assert sorted(str(q.adapter and q.adapter.name) for q in fresh._outputs) == [
+    assert sorted(str(q.adapter and q.adapter.name) for q in fresh._logprob_cache) == [
         "None",
         "shifted",
         "shifted",
@@ -149,19 +149,19 @@ def test_reregistering_and_removing_an_adapter_drops_its_entries(fresh, lora_ada
     try:
         assert close(fresh.next_token_logprobs_sync(p, lora_name="reg"), reference(p, None))
         assert fresh.loras["reg"] == lora_adapters["identity"]
-        computed, held = fresh.stats.tokens_computed, fresh.kv_cache.stats.in_use
+        computed, held = fresh.compute_stats.tokens_computed, fresh.kv_cache.stats.in_use
         fresh.add_new_lora(lora_adapters["shifted"], "reg")
-        assert not any(q.adapter and q.adapter.name == "reg" for q in fresh._outputs)
+        assert not any(q.adapter and q.adapter.name == "reg" for q in fresh._logprob_cache)
         assert fresh.kv_cache.stats.in_use == held - len(p)  # the old registration's KV slots are free
         # The new weights, computed from scratch: none of the old registration's KV is reused.
         assert close(fresh.next_token_logprobs_sync(p, lora_name="reg"), reference(p, "shifted"))
-        assert fresh.stats.tokens_computed - computed == len(p)
+        assert fresh.compute_stats.tokens_computed - computed == len(p)
         held = fresh.kv_cache.stats.in_use
     finally:
         fresh.remove_lora("reg")
     assert fresh.kv_cache.stats.in_use == held - len(p)
     assert "reg" not in fresh.loras
-    assert not any(q.adapter and q.adapter.name == "reg" for q in fresh._outputs)
+    assert not any(q.adapter and q.adapter.name == "reg" for q in fresh._logprob_cache)
     with pytest.raises(ValueError, match="'reg'"):
         fresh.next_token_logprobs_sync(p, lora_name="reg")
     with pytest.raises(ValueError, match="'reg'"):

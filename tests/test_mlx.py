@@ -116,7 +116,7 @@ def test_load_model_by_name_and_genlm_backend_paths_give_the_mlx_class():
         assert isinstance(lm, AsyncMlxLM)
         lm.next_token_logprobs_sync([1, 2])
         lm.next_token_logprobs_sync([1, 2])
-        assert lm.stats.logprob_cache_hits == 0  # cache_size=0 (genlm-backend's argument) disables the cache
+        assert lm.compute_stats.logprob_cache_hits == 0  # cache_size=0 (genlm-backend's argument) disables the cache
     script = (
         "import sys, genlm_anyio, genlm_anyio.llm, genlm_anyio.compat\n"
         "assert 'mlx' not in sys.modules and 'mlx_lm' not in sys.modules, 'mlx imported eagerly'\n"
@@ -173,7 +173,7 @@ def test_lora_adapters_agree_with_transformers_and_run_beside_the_base_model(fre
         assert_close_in_probability(fresh.next_token_logprobs_sync(p, lora_name="toy-mlx"), hf_logprobs(p, merged_dir))
         # Base and adapter rows in one forward pass, each row through its own weights.
         code = prompt(fresh, TEXTS[2])
-        passes = fresh.stats.forward_passes
+        passes = fresh.compute_stats.forward_passes
 
         async def mixed():
             out = {}
@@ -184,7 +184,7 @@ def test_lora_adapters_agree_with_transformers_and_run_beside_the_base_model(fre
             return out
 
         out = anyio.run(mixed)
-        assert fresh.stats.forward_passes - passes == 1
+        assert fresh.compute_stats.forward_passes - passes == 1
         assert_close_in_probability(out["base"], hf_logprobs(other))
         assert_close_in_probability(out["toy"], hf_logprobs(other, merged_dir))
         assert_close_in_probability(out["toy-code"], hf_logprobs(code, merged_dir))

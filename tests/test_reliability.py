@@ -206,7 +206,7 @@ def test_a_thousand_concurrent_callers_get_right_answers_within_the_kv_budget(hf
         assert lm.batch_stats.shared >= 200
         print(
             f"\n[load {backend}] 1000 callers: {lm.batch_stats.batches} batches, "
-            f"{lm.stats.tokens_computed} tokens computed, KV pool {pool_bytes / 2**20:.1f} MiB "
+            f"{lm.compute_stats.tokens_computed} tokens computed, KV pool {pool_bytes / 2**20:.1f} MiB "
             f"of {budget / 2**20:.0f} MiB, {lm.kv_cache.stats.tokens_evicted} evicted; "
             f"peak RSS {peak_rss_mib():.0f} MiB"
         )

@@ -67,10 +67,12 @@ def test_a_particles_steps_stay_on_one_replica_and_its_paths_are_one_replicas(re
             assert len(where) == 1, where
             homes.append(where.pop())
         assert set(homes) == {0, 1}  # both replicas got particles
-        assert sum(rep.stats.requests) == rep.stats.affinity_hits + rep.stats.balanced == n * steps
-        assert rep.stats.balanced == n and rep.stats.affinity_hits == n * (steps - 1)
+        assert (
+            sum(rep.routing_stats.requests) == rep.routing_stats.affinity_hits + rep.routing_stats.balanced == n * steps
+        )
+        assert rep.routing_stats.balanced == n and rep.routing_stats.affinity_hits == n * (steps - 1)
         # Every replica computed only what was routed to it.
-        assert [computed(r) for r in rep.replicas] == rep.stats.requests
+        assert [computed(r) for r in rep.replicas] == rep.routing_stats.requests
     # One replica batches 8 rows where two batch 4 each: rows within TOL of each other,
     # so the same draws, unless one falls within TOL of a boundary of the cumulative
     # distribution (chance below n * steps * TOL per run; seeded, so fixed per machine).
@@ -82,7 +84,7 @@ def test_sequences_without_a_recorded_prefix_are_spread_evenly(replicas, hf_part
     with ReplicatedLM(replicas(3)) as rep:
         seqs = [[t, t + 1] for t in range(100, 112)]
         got = rep.batch_next_token_logprobs_sync(seqs)
-        assert rep.stats.requests == [4, 4, 4] and rep.stats.balanced == 12
+        assert rep.routing_stats.requests == [4, 4, 4] and rep.routing_stats.balanced == 12
         for ids, row in zip(seqs, got):
             assert_close_to(transformers_logprobs(hf_parts[0], ids), row, str(ids))
 
@@ -93,9 +95,9 @@ def test_a_busy_replica_gives_up_its_prefix_beyond_max_imbalance(replicas):
         home = rep.replica_of(PROMPT)
         rep.batch_next_token_logprobs_sync([PROMPT + [t] for t in range(10)])
         # One request of the batch was on the prompt's replica at most 2 ahead of the other.
-        counts = rep.stats.requests
+        counts = rep.routing_stats.requests
         assert counts[home] - 1 - counts[1 - home] in (2, 3)
-        assert rep.stats.affinity_hits + rep.stats.balanced == 11
+        assert rep.routing_stats.affinity_hits + rep.routing_stats.balanced == 11
 
 
 def test_sampling_goes_to_one_replica_which_then_holds_the_sample(replicas):
@@ -119,7 +121,7 @@ def test_a_failing_replica_fails_only_its_callers(replicas, hf_parts):
                 assert isinstance(outcomes[i], ClosedError) and "replica 1" in str(outcomes[i])
             else:
                 assert_close_to(transformers_logprobs(hf_parts[0], seq), outcomes[i], str(seq))
-        assert rep.stats.requests == [3, 3]
+        assert rep.routing_stats.requests == [3, 3]
 
 
 def test_lora_adapters_are_loaded_into_every_replica(hf_parts, lora_adapters):
@@ -134,7 +136,7 @@ def test_lora_adapters_are_loaded_into_every_replica(hf_parts, lora_adapters):
         rep.add_new_lora(lora_adapters["shifted"], "a")
         seqs = [[5, 6], [7, 8]]
         got = rep.batch_next_token_logprobs_sync(seqs, lora_name="a")
-        assert rep.stats.requests == [1, 1]  # each replica answered one under the adapter
+        assert rep.routing_stats.requests == [1, 1]  # each replica answered one under the adapter
         base = plain.next_token_logprobs_sync([5, 6])  # the base model, though the model holds adapters
         assert_close_to(transformers_logprobs(hf_parts[0], [5, 6]), base, "base")
         peft_base = AutoModelForCausalLM.from_pretrained(assets.smollm2_dir(), dtype=torch.float32)
@@ -189,9 +191,9 @@ def test_two_transformers_replicas_from_name_split_the_work_and_agree_with_one()
     ) as rep:
         seqs = [rep.tokenizer.encode(t) for t in ("Montreal is", "The quick brown fox", "1 2 3", "Hello")]
         got = anyio.run(rep.batch_next_token_logprobs, seqs)
-        assert rep.stats.requests == [2, 2]
+        assert rep.routing_stats.requests == [2, 2]
         grown = rep.batch_next_token_logprobs_sync([s + [28] for s in seqs])
-        assert rep.stats.requests == [4, 4] and rep.stats.affinity_hits == 4
+        assert rep.routing_stats.requests == [4, 4] and rep.routing_stats.affinity_hits == 4
         model = rep.replicas[0].model  # the replicas share it
         for ids, a, b in zip(seqs, got, grown):
             assert_close_to(transformers_logprobs(model, ids), a, str(ids))

@@ -90,7 +90,7 @@ def test_sis_equals_one_replicas_and_each_particle_stays_on_its_replica(rep):
         assert len(where) == 1, where
         homes.append(where.pop())
     assert sorted(homes) == [0] * (N // 2) + [1] * (N // 2)
-    assert (rep.stats.affinity_hits, rep.stats.balanced, rep.stats.requests) == (
+    assert (rep.routing_stats.affinity_hits, rep.routing_stats.balanced, rep.routing_stats.requests) == (
         N * (STEPS - 1),
         N,
         [N * STEPS // 2] * 2,

@@ -10,9 +10,9 @@ import torch
 
 from .backends.base import AsyncLM
 from .backends.hf import AsyncTransformer
+from .backends.missing import AsyncSGLTransformer
 from .backends.mlx import AsyncMlxLM
 from .backends.mock import MockAsyncLM
-from .backends.unavailable import AsyncSGLTransformer
 from .backends.vllm import AsyncVirtualLM
 from .backends.vllm.replicas import start_replicas
 

@@ -320,7 +320,7 @@ class AsyncLM(Closeable):
         """:meth:`next_token_logprobs` from synchronous code."""
         return self._result(self._batcher.submit_sync([self._query(token_ids, lora_name)])[0]).clone()
 
-    def _many(self, token_ids_list: Sequence[Sequence[int]], lora_name: str | None = None) -> list[Query]:
+    def _queries(self, token_ids_list: Sequence[Sequence[int]], lora_name: str | None = None) -> list[Query]:
         if isinstance(token_ids_list, (str, bytes)) or not isinstance(token_ids_list, Sequence):
             raise TypeError(f"token_ids_list must be a sequence of sequences, not {type(token_ids_list).__name__}")
         if not token_ids_list:
@@ -333,14 +333,16 @@ class AsyncLM(Closeable):
     ) -> torch.Tensor:
         """:meth:`next_token_logprobs` of each sequence: float32 ``(len(token_ids_list), vocab_size)``."""
         return torch.stack(
-            [self._result(r) for r in await self._batcher.submit_many(self._many(token_ids_list, lora_name))]
+            [self._result(r) for r in await self._batcher.submit_many(self._queries(token_ids_list, lora_name))]
         )
 
     def batch_next_token_logprobs_sync(
         self, token_ids_list: Sequence[Sequence[int]], lora_name: str | None = None
     ) -> torch.Tensor:
         """:meth:`batch_next_token_logprobs` from synchronous code."""
-        return torch.stack([self._result(r) for r in self._batcher.submit_sync(self._many(token_ids_list, lora_name))])
+        return torch.stack(
+            [self._result(r) for r in self._batcher.submit_sync(self._queries(token_ids_list, lora_name))]
+        )
 
     @property
     def batch_stats(self) -> BatchStats:
@@ -395,7 +397,7 @@ class AsyncLM(Closeable):
     ) -> list[list[int]]:
         """:meth:`sample` for each prompt, concurrently (so their steps batch together).
         With a seed, prompt ``i`` uses ``seed + i``."""
-        prompts = [q.ids for q in self._many(prompt_token_ids_list, lora_name)]
+        prompts = [q.ids for q in self._queries(prompt_token_ids_list, lora_name)]
         results: list[list[int]] = [[] for _ in prompts]
 
         async def one(i: int) -> None:

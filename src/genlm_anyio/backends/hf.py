@@ -21,7 +21,7 @@ from ..checks import positive_int
 from . import shared_prefix
 from .base import Adapter, Query
 from .padding import PaddedBatch, present
-from .prefix import Job, PrefixCachedLM, model_lock
+from .prefix import PassRow, PrefixCachedLM, model_lock
 
 # peft's name for "no adapter" in a mixed-adapter batch.
 _BASE = "__base__"
@@ -35,7 +35,7 @@ def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cache.key_cache[layer], cache.value_cache[layer]
 
 
-def _seed(kv: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
+def _load_past(kv: Any, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Put the gathered past, ``(layers, batch, heads, length, dim)``, into an empty DynamicCache."""
     for layer in range(keys.shape[0]):
         if hasattr(kv, "layers"):
@@ -322,11 +322,13 @@ class AsyncTransformer(PrefixCachedLM):
                 handle.remove()
 
     # -- forward passes ---------------------------------------------------------------
-    def _forward_pass(self, jobs: list[Job], past: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_pass(
+        self, rows: list[PassRow], past: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         from transformers import DynamicCache
 
-        padded = PaddedBatch.of([job.new for job in jobs], [len(p) for p in past])
-        width, batch = padded.width, len(jobs)
+        padded = PaddedBatch.of([row.new for row in rows], [len(p) for p in past])
+        width, batch = padded.width, len(rows)
         split = shared_prefix.plan(past) if self.reads_shared_prefixes else None
         own = split.own if split is not None else past
         past_len = max(len(p) for p in own)
@@ -338,7 +340,7 @@ class AsyncTransformer(PrefixCachedLM):
         kv = DynamicCache()
         if past_len:
             keys, values = self.kv_cache.gather(own)
-            _seed(kv, keys, values)
+            _load_past(kv, keys, values)
         last = torch.from_numpy(padded.last)
         inputs = {
             "input_ids": torch.from_numpy(padded.tokens).to(self.device),
@@ -355,7 +357,7 @@ class AsyncTransformer(PrefixCachedLM):
                 stack.enter_context(
                     _attention_implementation(self.model, _SHARED_PREFIX_ATTENTION, self._pass(split, width))
                 )
-            stack.enter_context(self._hooks([job.query.adapter for job in jobs], last))
+            stack.enter_context(self._hooks([row.query.adapter for row in rows], last))
             outputs = self.model(**inputs)
         logits = outputs.logits
         del outputs

@@ -19,7 +19,7 @@ import torch
 from ..checks import check_int, positive_int
 from .base import Adapter, Query
 from .padding import PaddedBatch, present
-from .prefix import Job, PrefixCachedLM, model_lock
+from .prefix import PassRow, PrefixCachedLM, model_lock
 
 _INSTALL = "the MLX backend needs mlx and mlx-lm: pip install 'genlm-anyio[mlx]' (on Linux also 'mlx[cpu]')"
 
@@ -59,7 +59,7 @@ def _log_softmax(logits: Any) -> torch.Tensor:
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class _RowCache:
+class _PassLayerCache:
     """One attention layer's cache for one forward pass, in mlx-lm's cache protocol.
 
     Row ``b`` has ``lengths[b]`` cached tokens (its past, right-padded to the
@@ -89,12 +89,12 @@ class _RowCache:
         return self.mask
 
 
-class _Router:
+class _AdapterRows:
     """Which rows of the running forward pass go through which adapter: serial ->
     a ``(batch, 1, 1)`` 0/1 row mask, or None where every row does."""
 
     def __init__(self) -> None:
-        self.rows: dict[int, Any] = {}
+        self.masks: dict[int, Any] = {}
 
 
 @functools.cache
@@ -108,16 +108,16 @@ def _lora_linear_class() -> type:
         the rows of a forward pass that use that adapter (mlx-lm's LoRALinear
         computes one adapter for the whole batch)."""
 
-        def __init__(self, base: Any, router: _Router):
+        def __init__(self, base: Any, adapter_rows: _AdapterRows):
             super().__init__()
             self.base = base
             # Plain attributes, not module state: they are not the model's parameters.
-            object.__setattr__(self, "router", router)
+            object.__setattr__(self, "adapter_rows", adapter_rows)
             object.__setattr__(self, "adapters", {})
 
         def __call__(self, x: Any) -> Any:
             y = self.base(x)
-            for serial, rows in self.router.rows.items():
+            for serial, rows in self.adapter_rows.masks.items():
                 low_rank = self.adapters.get(serial)
                 if low_rank is None:
                     continue
@@ -249,7 +249,7 @@ class AsyncMlxLM(PrefixCachedLM):
         self.mlx_lm_model = mlx_lm_model
         self.mlx_lm_model.eval()
         # One token through the model tells the cache's layout and the vocabulary's size.
-        probe = [_RowCache(None, 0, None) for _ in make_prompt_cache(mlx_lm_model)]
+        probe = [_PassLayerCache(None, 0, None) for _ in make_prompt_cache(mlx_lm_model)]
         logits = mlx_lm_model(mx.array([[0]], mx.int32), cache=probe)
         keys = probe[0].new[0]
         mx.eval(logits, keys)
@@ -272,7 +272,7 @@ class AsyncMlxLM(PrefixCachedLM):
         self.prefill_step_size = prefill_step_size
         # Instances over one model share the adapters' modules patched into it.
         self._lock = model_lock(mlx_lm_model)
-        self._router = _Router()
+        self._adapter_rows = _AdapterRows()
         self._lora_modules: dict[str, Any] = {}  # module name -> its RoutedLoRALinear
         self._head = self._find_head()
 
@@ -320,7 +320,7 @@ class AsyncMlxLM(PrefixCachedLM):
             for name, (a, b, scale) in updates.items():
                 routed = self._lora_modules.get(name)
                 if routed is None:
-                    routed = _lora_linear_class()(modules[name], self._router)
+                    routed = _lora_linear_class()(modules[name], self._adapter_rows)
                     self._replace_module(name, routed)
                     self._lora_modules[name] = routed
                 dtype = routed.base.weight.dtype if routed.base.weight.dtype != mx.uint32 else mx.float32
@@ -346,7 +346,7 @@ class AsyncMlxLM(PrefixCachedLM):
         """(lock held) Send each row of the next forward pass through its adapter."""
         mx = _mlx()
         serials = np.array([0 if a is None else a.serial for a in adapters])
-        self._router.rows = {
+        self._adapter_rows.masks = {
             int(s): None if (serials == s).all() else mx.array((serials == s).astype(np.float32)).reshape(-1, 1, 1)
             for s in set(serials.tolist()) - {0}
         }
@@ -365,7 +365,7 @@ class AsyncMlxLM(PrefixCachedLM):
             hidden = self.mlx_lm_model.model(tokens, cache=caches)
             return self._head(hidden[rows][:, None])[:, 0]
         finally:
-            self._router.rows = {}
+            self._adapter_rows.masks = {}
 
     def _find_head(self) -> Any:
         """The output head, run apart from the model on each row's last position, so that
@@ -388,10 +388,12 @@ class AsyncMlxLM(PrefixCachedLM):
         whole = model(tokens)
         return head if apart.shape == whole.shape and mx.allclose(apart, whole, rtol=1e-5, atol=1e-5).item() else None
 
-    def _forward_pass(self, jobs: list[Job], past: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def _forward_pass(
+        self, rows: list[PassRow], past: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         mx = _mlx()
-        padded = PaddedBatch.of([job.new for job in jobs], [len(p) for p in past])
-        batch, width, past_len = len(jobs), padded.width, max(len(p) for p in past)
+        padded = PaddedBatch.of([row.new for row in rows], [len(p) for p in past])
+        batch, width, past_len = len(rows), padded.width, max(len(p) for p in past)
         if padded.aligned:
             # Rows alike (a lone request, or particles in step): the model's own causal mask.
             offset: Any = past_len
@@ -406,19 +408,19 @@ class AsyncMlxLM(PrefixCachedLM):
         if past_len:
             keys, values = self.kv_cache.gather(past)
             keys, values = _to_mlx(keys), _to_mlx(values)
-            caches = [_RowCache((keys[i], values[i]), offset, mask) for i in range(layers)]
+            caches = [_PassLayerCache((keys[i], values[i]), offset, mask) for i in range(layers)]
         else:
-            caches = [_RowCache(None, offset, mask) for _ in range(layers)]
+            caches = [_PassLayerCache(None, offset, mask) for _ in range(layers)]
         last = self._run_model(
-            mx.array(padded.tokens.astype(np.int32)), caches, padded.last.tolist(), [job.query.adapter for job in jobs]
+            mx.array(padded.tokens.astype(np.int32)), caches, padded.last.tolist(), [row.query.adapter for row in rows]
         ).astype(mx.float32)
         # (batch, heads, width, dim) per layer -> (batch * width, layers, heads, dim), padding left out.
-        rows = mx.array(padded.kept.astype(np.int32))
+        kept = mx.array(padded.kept.astype(np.int32))
         new_kv = []
         for part in (0, 1):
             stacked = mx.stack([c.new[part] for c in caches], axis=1)  # (batch, layers, heads, width, dim)
             flat = stacked.transpose(0, 3, 1, 2, 4).reshape(batch * width, layers, self.kv_cache.heads, -1)
-            new_kv.append(flat[rows])
+            new_kv.append(flat[kept])
         mx.eval(last, *new_kv)
         return _log_softmax(last), _to_torch(new_kv[0]), _to_torch(new_kv[1])
 

@@ -62,7 +62,7 @@ def model_lock(model: Any) -> threading.Lock:
 
 
 @dataclass
-class Job:
+class PassRow:
     """One row of a forward pass: cached prefix ``node`` (of length ``start``) and
     the tokens after it up to ``end`` (the whole query, or a chunk of it).
 
@@ -123,22 +123,24 @@ class PrefixCachedLM(AsyncLM):
         requests are admitted by their uncached tokens up to the same number."""
         super().__init__(tokenizer, vocab_size, max_batch_size=max_batch_size, max_batch_tokens=max_forward_tokens)
         self.kv_cache = PrefixKVCache(kv_shape, kv_dtype, kv_device, kv_cache_bytes)
-        self._outputs: OrderedDict[Query, torch.Tensor] = OrderedDict()
-        self._outputs_size = logprob_cache_size
-        self._outputs_budget = logprob_cache_bytes
-        self._outputs_bytes = 0
+        self._logprob_cache: OrderedDict[Query, torch.Tensor] = OrderedDict()
+        self._logprob_cache_size = logprob_cache_size
+        self._logprob_cache_budget = logprob_cache_bytes
+        self._logprob_cache_bytes = 0
         self._lock = threading.Lock()  # the model, the caches: one user at a time
-        self.stats = ComputeStats()
+        self.compute_stats = ComputeStats()
 
     @abc.abstractmethod
-    def _forward_pass(self, jobs: list[Job], past: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(lock held) Run ``job.new`` of every job after its cached past (the KV
+    def _forward_pass(
+        self, rows: list[PassRow], past: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(lock held) Run ``row.new`` of every row after its cached past (the KV
         slots ``past[b]``, gathered with :meth:`PrefixKVCache.gather`), each row
         under its query's adapter.
 
-        Returns the next-token log-probabilities, float32 ``(len(jobs), vocab_size)``
+        Returns the next-token log-probabilities, float32 ``(len(rows), vocab_size)``
         on the CPU, and the keys and values of the computed tokens, each
-        ``(tokens, layers, kv_heads, head_dim)``: the rows of every job in order.
+        ``(tokens, layers, kv_heads, head_dim)``: every row's tokens in order.
         """
 
     def _plain_pass(self, query: Query) -> torch.Tensor:
@@ -157,20 +159,23 @@ class PrefixCachedLM(AsyncLM):
     @property
     def output_cache_bytes(self) -> int:
         """Bytes the output cache holds now (each entry a compact float32 row)."""
-        return self._outputs_bytes
+        return self._logprob_cache_bytes
 
     def _remember(self, query: Query, logprobs: torch.Tensor) -> torch.Tensor:
         """Cache a copy of ``logprobs`` (a row of its batch's tensor), and return
         it: a compact copy, so that the cache never keeps a whole batch alive."""
-        if not self._outputs_size or not self._outputs_budget:
+        if not self._logprob_cache_size or not self._logprob_cache_budget:
             return logprobs
         row = logprobs.clone()
-        if query in self._outputs:
-            self._outputs_bytes -= self._outputs.pop(query).nbytes
-        self._outputs[query] = row
-        self._outputs_bytes += row.nbytes
-        while len(self._outputs) > self._outputs_size or self._outputs_bytes > self._outputs_budget:
-            self._outputs_bytes -= self._outputs.popitem(last=False)[1].nbytes
+        if query in self._logprob_cache:
+            self._logprob_cache_bytes -= self._logprob_cache.pop(query).nbytes
+        self._logprob_cache[query] = row
+        self._logprob_cache_bytes += row.nbytes
+        while (
+            len(self._logprob_cache) > self._logprob_cache_size
+            or self._logprob_cache_bytes > self._logprob_cache_budget
+        ):
+            self._logprob_cache_bytes -= self._logprob_cache.popitem(last=False)[1].nbytes
         return row
 
     # -- adapters -----------------------------------------------------------------
@@ -182,8 +187,8 @@ class PrefixCachedLM(AsyncLM):
         """(lock held) Delete ``adapter``'s weights and every cached result of it,
         KV included (its subtree: first tokens shifted by its serial, see :meth:`_path`)."""
         self._delete_adapter(adapter)
-        for query in [q for q in self._outputs if q.adapter is adapter]:
-            self._outputs_bytes -= self._outputs.pop(query).nbytes
+        for query in [q for q in self._logprob_cache if q.adapter is adapter]:
+            self._logprob_cache_bytes -= self._logprob_cache.pop(query).nbytes
         shift = adapter.serial * self.vocab_size
         self.kv_cache.forget(range(shift, shift + self.vocab_size))
 
@@ -195,8 +200,8 @@ class PrefixCachedLM(AsyncLM):
         """Drop the KV cache and the output cache."""
         with self._lock:
             self.kv_cache.clear()
-            self._outputs.clear()
-            self._outputs_bytes = 0
+            self._logprob_cache.clear()
+            self._logprob_cache_bytes = 0
 
     def clear_kv_cache(self) -> None:
         """Drop the KV cache only (cached results stay)."""
@@ -228,10 +233,10 @@ class PrefixCachedLM(AsyncLM):
             results: dict[Query, torch.Tensor | RequestFailed] = {}
             todo = []
             for query in batch:
-                hit = self._outputs.get(query)
+                hit = self._logprob_cache.get(query)
                 if hit is not None:
-                    self._outputs.move_to_end(query)
-                    self.stats.logprob_cache_hits += 1
+                    self._logprob_cache.move_to_end(query)
+                    self.compute_stats.logprob_cache_hits += 1
                     results[query] = hit
                 else:
                     todo.append(query)
@@ -272,23 +277,23 @@ class PrefixCachedLM(AsyncLM):
         try:
             while todo:
                 # Matched before every pass: a pass may store what the next one reuses.
-                jobs = [self._job(query) for query in todo]
+                rows = [self._row(query) for query in todo]
                 if first:  # what the requests found cached (not their own earlier chunks)
-                    self.kv_cache.stats.prefix_tokens_reused += sum(job.start for job in jobs)
+                    self.kv_cache.stats.prefix_tokens_reused += sum(row.start for row in rows)
                     first = False
-                plan = self._plan(jobs, unchunked)
+                plan = self._plan(rows, unchunked)
                 results, kept = self._forward(plan)
                 out.update(results)
                 for node in held:
                     self.kv_cache.pin(node, -1)
                 held = []
-                for job in plan:
-                    if job.final:
+                for row in plan:
+                    if row.final:
                         continue
                     if not kept:
-                        unchunked.add(job.query)
+                        unchunked.add(row.query)
                         continue
-                    node, _ = self.kv_cache.match(job.path, job.end)
+                    node, _ = self.kv_cache.match(row.path, row.end)
                     self.kv_cache.pin(node, +1)
                     held.append(node)
                 todo = [query for query in todo if query not in out]
@@ -297,58 +302,58 @@ class PrefixCachedLM(AsyncLM):
                 self.kv_cache.pin(node, -1)
         return out
 
-    def _job(self, query: Query) -> Job:
+    def _row(self, query: Query) -> PassRow:
         """``query``'s row after its longest cached prefix, to its end."""
         path = self._path(query)
         # The last token is always run: its logits are the answer.
         node, start = self.kv_cache.match(path, len(path) - 1)
-        return Job(query, path, node, start, len(path))
+        return PassRow(query, path, node, start, len(path))
 
-    def _plan(self, jobs: list[Job], whole: set[Query]) -> list[Job]:
+    def _plan(self, rows: list[PassRow], whole: set[Query]) -> list[PassRow]:
         """The rows of the next forward pass: at most ``max_forward_tokens`` new
         tokens, and as many padded positions (rows times the longest row). The
-        shortest jobs go first; the first one that does not fit whole is cut to
+        shortest rows go first; the first one that does not fit whole is cut to
         fill the pass (its first chunk; later passes continue it), unless it is
-        in ``whole`` (a job alone in a pass runs whole)."""
+        in ``whole`` (a row alone in a pass runs whole)."""
         cap = self.max_forward_tokens
-        plan: list[Job] = []
+        plan: list[PassRow] = []
         tokens = width = 0
-        for job in sorted(jobs, key=lambda j: len(j.new)):
-            rows = len(plan) + 1
-            room = min(cap - tokens, cap // rows) if rows * width <= cap else 0
-            if len(job.new) <= room or (not plan and job.query in whole):
-                plan.append(job)
-                tokens, width = tokens + len(job.new), max(width, len(job.new))
+        for row in sorted(rows, key=lambda r: len(r.new)):
+            count = len(plan) + 1
+            room = min(cap - tokens, cap // count) if count * width <= cap else 0
+            if len(row.new) <= room or (not plan and row.query in whole):
+                plan.append(row)
+                tokens, width = tokens + len(row.new), max(width, len(row.new))
                 continue
-            if room > 0 and job.query not in whole:
-                job.end = job.start + room
-                plan.append(job)
+            if room > 0 and row.query not in whole:
+                row.end = row.start + room
+                plan.append(row)
             break
         return plan
 
-    def _forward(self, jobs: list[Job]) -> tuple[dict[Query, torch.Tensor], bool]:
-        """One forward pass of ``jobs``, keeping the keys and values of the tokens
-        no cached node holds yet: the results of the jobs that end their query,
+    def _forward(self, rows: list[PassRow]) -> tuple[dict[Query, torch.Tensor], bool]:
+        """One forward pass of ``rows``, keeping the keys and values of the tokens
+        no cached node holds yet: the results of the rows that end their query,
         and whether the keys and values were kept."""
         cache = self.kv_cache
-        for job in jobs:
-            cache.pin(job.node, +1)
+        for row in rows:
+            cache.pin(row.node, +1)
         try:
-            logprobs, keys, values = self._forward_pass(jobs, [cache.slots(job.node) for job in jobs])
-            computed = sum(len(job.new) for job in jobs)
-            self.stats.forward_passes += 1
-            self.stats.tokens_computed += computed
-            self.stats.largest_forward_tokens = max(self.stats.largest_forward_tokens, computed)
+            logprobs, keys, values = self._forward_pass(rows, [cache.slots(row.node) for row in rows])
+            computed = sum(len(row.new) for row in rows)
+            self.compute_stats.forward_passes += 1
+            self.compute_stats.tokens_computed += computed
+            self.compute_stats.largest_forward_tokens = max(self.compute_stats.largest_forward_tokens, computed)
             try:
                 # A token stored meanwhile (a fully cached request's last one) keeps its slot.
-                cache.store([(job.node, list(job.path[job.start : job.end])) for job in jobs], keys, values)
+                cache.store([(row.node, list(row.path[row.start : row.end])) for row in rows], keys, values)
                 kept = True
             except MemoryError:
                 kept = False  # the budget cannot hold this pass's tokens: computed, not kept
         finally:
-            for job in jobs:
-                cache.pin(job.node, -1)
-        results = {job.query: self._remember(job.query, lp) for job, lp in zip(jobs, logprobs) if job.final}
+            for row in rows:
+                cache.pin(row.node, -1)
+        results = {row.query: self._remember(row.query, lp) for row, lp in zip(rows, logprobs) if row.final}
         return results, kept
 
     def cache_kv(self, prompt_tokens: Sequence[int], lora_name: str | None = None) -> None:

@@ -87,7 +87,7 @@ class ReplicatedLM(AsyncLM):
     its tokens (with vLLM: the idle session it extends, and its prefix cache),
     unless that replica has ``max_imbalance`` more requests in flight than the
     least busy one; requests without such a prefix go to the least busy
-    replica. ``stats`` counts the routing.
+    replica. ``routing_stats`` counts the routing.
 
     The replicas belong to this model: :meth:`close` closes them all. A replica
     that fails fails only the requests routed to it. LoRA adapters registered
@@ -123,7 +123,7 @@ class ReplicatedLM(AsyncLM):
         positive_int("record_size", record_size)
         self.replicas: list[AsyncLM] = list(replicas)
         self.max_imbalance = max_imbalance
-        self.stats = ReplicaStats(requests=[0] * len(self.replicas))
+        self.routing_stats = ReplicaStats(requests=[0] * len(self.replicas))
         self._record = _PrefixRecord(record_size)
         self._in_flight = [0] * len(self.replicas)
         self._route_lock = threading.Lock()
@@ -172,16 +172,16 @@ class ReplicatedLM(AsyncLM):
         with self._route_lock:
             owner, chain = self._record.longest(ids, adapter)
             load = self._in_flight
-            least = min(range(len(load)), key=lambda i: (load[i], self.stats.requests[i]))
+            least = min(range(len(load)), key=lambda i: (load[i], self.routing_stats.requests[i]))
             if owner is not None and load[owner] - load[least] <= self.max_imbalance:
                 chosen = owner
-                self.stats.affinity_hits += 1
+                self.routing_stats.affinity_hits += 1
             else:
                 chosen = least
-                self.stats.balanced += 1
+                self.routing_stats.balanced += 1
             self._record.record(chain[-1], chosen)
             load[chosen] += 1
-            self.stats.requests[chosen] += 1
+            self.routing_stats.requests[chosen] += 1
             return chosen
 
     def _finish(self, replica: int) -> None:

@@ -46,7 +46,7 @@ _RENAMED = {
     "genlm.backend.llm.hf": "genlm_anyio.backends.hf",
     "genlm.backend.llm.vllm": "genlm_anyio.backends.vllm",
     "genlm.backend.llm.mlx": "genlm_anyio.backends.mlx",
-    "genlm.backend.llm.sgl": "genlm_anyio.backends.unavailable",
+    "genlm.backend.llm.sgl": "genlm_anyio.backends.missing",
     "genlm.backend.tokenization.token": "genlm_anyio.vocab",
     "genlm.backend.tokenization.vocab": "genlm_anyio.vocab",
     "genlm.backend.trie.base": "genlm_anyio.trie.token_trie",

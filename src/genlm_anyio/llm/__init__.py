@@ -5,7 +5,7 @@ code written for ``genlm.backend.llm`` ports by changing the import.
 """
 
 from ..backends import AsyncLM, AsyncMlxLM, AsyncTransformer, AsyncVirtualLM, MockAsyncLM
-from ..backends.unavailable import AsyncSGLTransformer
+from ..backends.missing import AsyncSGLTransformer
 from ..loading import load_model_by_name
 
 __all__ = [

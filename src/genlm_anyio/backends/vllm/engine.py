@@ -300,7 +300,7 @@ class VLLMEngine:
                 ) from exc
             return [RequestFailed.adapter_removed(stale[i]) if i in stale else next(ran) for i in range(len(requests))]
 
-    def _outputs(self) -> Any:
+    def _next_outputs(self) -> Any:
         """The engine core's next outputs.
 
         vLLM 0.32's multiprocess client (``SyncMPClient``) waits on its output queue
@@ -366,7 +366,7 @@ class VLLMEngine:
     def _collect(self, batch: _Batch) -> None:
         """Take the engine's outputs until every request added so far has finished."""
         while batch.waiting:
-            for output in self._outputs().outputs:
+            for output in self._next_outputs().outputs:
                 rid = output.request_id
                 if rid not in batch.waiting:
                     continue

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, NoReturn
 
 
-class _NotYet:
+class _MissingBackend:
     engine = ""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -29,7 +29,7 @@ class _NotYet:
         )
 
 
-class AsyncSGLTransformer(_NotYet):
+class AsyncSGLTransformer(_MissingBackend):
     """genlm-backend's SGLang model: not in genlm-anyio yet."""
 
     engine = "SGLang"
