@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from .checks import positive_int
+
 __all__ = ["OutputCache"]
 
 
@@ -24,11 +26,7 @@ class OutputCache:
     """
 
     def __init__(self, maxsize: int, move_to_cpu: bool = False):
-        if isinstance(maxsize, bool) or not isinstance(maxsize, int):
-            raise TypeError(f"maxsize must be an int, not {type(maxsize).__name__}")
-        if maxsize < 1:
-            raise ValueError(f"maxsize must be at least 1, not {maxsize}")
-        self.maxsize = maxsize
+        self.maxsize = positive_int("maxsize", maxsize)
         self.move_to_cpu = move_to_cpu
         self.cache: OrderedDict[Hashable, tuple[torch.device, torch.Tensor]] = OrderedDict()
 

@@ -9,12 +9,12 @@ from __future__ import annotations
 import gc
 import json
 import os
-import sys
 from collections.abc import Sequence
 from itertools import repeat
 from typing import Any
 
 from . import _core
+from .checks import check_int
 
 __all__ = [
     "ByteVocabError",
@@ -47,12 +47,11 @@ class Token(bytes):
     token_id: int
 
     def __new__(cls, token_id: int, byte_string: bytes) -> Token:
-        if isinstance(token_id, bool) or not isinstance(token_id, (int, _np_integer())):
-            raise TypeError(f"token_id must be an int, not {type(token_id).__name__}")
+        token_id = check_int("token_id", token_id)
         if not isinstance(byte_string, (bytes, bytearray, memoryview)):
             raise TypeError(f"byte_string must be bytes, not {type(byte_string).__name__}")
         self = bytes.__new__(cls, byte_string)
-        self.token_id = int(token_id)
+        self.token_id = token_id
         return self
 
     @property
@@ -114,12 +113,6 @@ class Token(bytes):
 
     def __repr__(self) -> str:
         return f"Token(token_id={self.token_id}, byte_string={bytes.__repr__(self)})"
-
-
-def _np_integer() -> type:
-    """numpy's integer base class when numpy is loaded (ids often come from arrays), else int."""
-    np = sys.modules.get("numpy")
-    return np.integer if np is not None else int
 
 
 def tokens_from_bytes(byte_strings: Sequence[bytes]) -> list[Token]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..arrays import float_array
 from ..batching import Batcher, BatchStats, ClosedError
+from ..checks import positive_int
 from ..lifetime import Closeable
 from .token_trie import TokenCharacterTrie
 
@@ -40,10 +41,8 @@ class AsyncTokenCharacterTrie(Closeable):
     """
 
     def __init__(self, trie: TokenCharacterTrie, max_batch_size: int = 256):
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be at least 1, not {max_batch_size}")
         self.trie = trie
-        self._max_batch_size = max_batch_size
+        self._max_batch_size = positive_int("max_batch_size", max_batch_size)
         self._batcher: Batcher[_Request, np.ndarray | Exception] | None = None
         self._stats: BatchStats | None = None
         self._closed = False

@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import _core
 from ..arrays import float_array
+from ..checks import check_int
 
 __all__ = ["TokenCharacterTrie"]
 
@@ -241,11 +242,10 @@ class TokenCharacterTrie:
 
     # -- navigation ---------------------------------------------------------------
     def _node(self, node: Any) -> int:
-        if isinstance(node, bool) or not isinstance(node, (int, np.integer)):
-            raise TypeError(f"node must be an int, not {type(node).__name__}")
+        node = check_int("node", node)
         if not 0 <= node < self.num_nodes:
             raise ValueError(f"node {node} is not a node of this trie (it has {self.num_nodes} nodes)")
-        return int(node)
+        return node
 
     def node_of(self, prefix: bytes) -> int | None:
         """The prefix node of the byte string ``prefix``, or None if no entry starts with it."""
@@ -277,8 +277,7 @@ class TokenCharacterTrie:
         Its parent, ``node_of(bytes(decode[token_id]))``, is the prefix node of
         its full bytes, shared with every entry that starts with them.
         """
-        if isinstance(token_id, bool) or not isinstance(token_id, (int, np.integer)):
-            raise TypeError(f"token_id must be an int, not {type(token_id).__name__}")
+        token_id = check_int("token_id", token_id)
         if not 0 <= token_id < self.vocab_size:
             raise ValueError(f"token_id {token_id} is outside [0, {self.vocab_size})")
         return int(self._token_leaves[token_id])
@@ -308,10 +307,9 @@ class TokenCharacterTrie:
         table = np.asarray(transitions)
         if table.dtype.kind in "iu" and table.dtype.itemsize < 8 and table.dtype != np.dtype(np.int32):
             table = table.astype(np.int64)  # lossless; the core reads int32 and int64
-        if isinstance(state, bool) or not isinstance(state, (int, np.integer)):
-            raise TypeError(f"state must be an int, not {type(state).__name__}")
+        state = check_int("state", state)
         live_arr = np.ascontiguousarray(live)
-        return self._mask(self._core.dfa_mask, np.ascontiguousarray(table), int(state), live_arr)
+        return self._mask(self._core.dfa_mask, np.ascontiguousarray(table), state, live_arr)
 
 
 class _ResultBlockPool:

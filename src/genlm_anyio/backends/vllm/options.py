@@ -8,6 +8,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from ...checks import positive_int
 from .internals import check_internals
 
 REQUIRED_OPTIONS = {"max_logprobs": -1, "logprobs_mode": "raw_logprobs"}
@@ -20,8 +21,7 @@ MULTIPROCESSING = "VLLM_ENABLE_V1_MULTIPROCESSING"
 def split_cores(cpus: Sequence[int], parts: int) -> list[list[int]]:
     """``cpus`` (sorted) in ``parts`` contiguous runs, the longer ones first; with
     fewer cores than parts, the parts share cores in turn."""
-    if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
-        raise ValueError(f"parts must be a positive int, not {parts!r}")
+    positive_int("parts", parts)
     cores = sorted(set(cpus))
     if not cores:
         raise ValueError("cpus must not be empty")
