@@ -28,6 +28,7 @@ import torch
 from ..checks import check_int, check_number, positive_int
 from ..kv_cache import PrefixKVCache
 from .base import Adapter, AsyncLM, Query, Request, RequestFailed, TokenIds
+from .shared_prefix import common_length
 
 
 @dataclass
@@ -255,11 +256,7 @@ class PrefixCachedLM(AsyncLM):
         ordered = sorted(paths)
         shared: dict[TokenIds, Query] = {}
         for a, b in zip(ordered, ordered[1:]):
-            common = 0
-            for x, y in zip(a, b):
-                if x != y:
-                    break
-                common += 1
+            common = common_length(a, b, len(a))
             if common > max(starts[a], starts[b]):
                 # Equal first path tokens mean one adapter: a's ids and adapter name the prefix.
                 shared[a[:common]] = Query(paths[a].ids[:common], paths[a].adapter)

@@ -286,7 +286,8 @@ class VLLMEngine:
         :class:`RequestFailed` for a request vLLM ended with an error. Their
         adapters must be registered (:meth:`add_lora`)."""
         with self._lock:
-            # A request whose adapter was removed after it was submitted fails alone.
+            # AsyncLM's pipeline dropped the rows of adapters removed before the batch
+            # began; one removed since then (remove_lora waits for this lock) fails here alone.
             stale = {
                 i: r.adapter for i, r in enumerate(requests) if r.adapter is not None and r.adapter not in self.loras
             }
