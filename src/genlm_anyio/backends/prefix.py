@@ -96,8 +96,9 @@ class PrefixCachedLM(AsyncLM):
 
     A backend implements :meth:`_forward_pass` and :meth:`_plain_pass`, and for
     LoRA adapters ``_load_adapter`` (which takes the lock) and
-    :meth:`_delete_adapter`; the others are called with the lock held. A backend over a model object that other engines
-    may share sets ``self._lock`` to :func:`model_lock` of it.
+    :meth:`_delete_adapter`; the others are called with the lock held. A backend
+    over a model object that other engines may share sets ``self._lock`` to
+    :func:`model_lock` of it.
     """
 
     def __init__(
