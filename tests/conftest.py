@@ -15,6 +15,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 import anyio.lowlevel
 import assets
 
+# The vLLM engines of the tests that check processes (an engine core in its own
+# process, tensor parallelism, replicas) rather than the model's graph run eagerly:
+# torch.compile costs about 100 s per engine start on a 2-core CPU, eager about 12 s.
+# tests/test_vllm.py's engine keeps vLLM's defaults (compiled), as users run it.
+VLLM_EAGER_OPTS = {"dtype": "float32", "block_size": 32, "seed": 0, "enforce_eager": True}
+
 # Families whose tokenizer adds a SentencePiece dummy-prefix space at the start of a text.
 DUMMY_PREFIX = {"llama-spm", "phi-3", "gemma-4"}
 

@@ -15,7 +15,7 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import Outcomes, assets
+from conftest import VLLM_EAGER_OPTS, Outcomes, assets
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 
@@ -57,9 +57,7 @@ def test_a_killed_engine_process_fails_every_waiting_caller_and_close_returns(mo
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     before = {p.pid for p in psutil.Process().children(recursive=True)}
-    lm = AsyncVirtualLM.from_name(
-        str(assets.smollm2_dir()), engine_opts={"dtype": "float32", "block_size": 32, "seed": 0}
-    )
+    lm = AsyncVirtualLM.from_name(str(assets.smollm2_dir()), engine_opts=VLLM_EAGER_OPTS)
     try:
         started = [p for p in psutil.Process().children(recursive=True) if p.pid not in before]
         engine = [p for p in started if "EngineCore" in " ".join(p.cmdline()) + p.name()]
@@ -116,10 +114,9 @@ def test_sis_on_the_multiprocess_engine_equals_sis_in_process(monkeypatch):
     from genlm-anyio's logits processor): the same particles, the same weights.
     Last in this file: see the module's docstring."""
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
-    opts = {"dtype": "float32", "block_size": 32, "seed": 0}
     runs = {}
     for multiprocess in (True, False):
-        lm = AsyncVirtualLM.from_name(str(assets.smollm2_dir()), engine_opts=opts, multiprocess=multiprocess)
+        lm = AsyncVirtualLM.from_name(str(assets.smollm2_dir()), engine_opts=VLLM_EAGER_OPTS, multiprocess=multiprocess)
         try:
             assert (lm.engine._capture is None) is multiprocess
             runs[multiprocess] = sis(lm)

@@ -14,7 +14,7 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import answers_or_errors, assets, child_processes
+from conftest import VLLM_EAGER_OPTS, answers_or_errors, assets, child_processes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.replicas import ReplicatedLM
@@ -35,7 +35,7 @@ def rep():
         lm = ReplicatedLM.from_name(
             str(assets.smollm2_dir()),
             replicas=2,
-            replica_opts={"engine_opts": {"dtype": "float32", "block_size": 32, "seed": 0}},
+            replica_opts={"engine_opts": VLLM_EAGER_OPTS},
         )
         lm.started = [p for pid, p in child_processes().items() if pid not in before]  # type: ignore[attr-defined]
         yield lm

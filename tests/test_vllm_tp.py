@@ -19,7 +19,7 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import ask_after_cancelled_callers, assets, child_processes
+from conftest import VLLM_EAGER_OPTS, ask_after_cancelled_callers, assets, child_processes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.vllm.options import cpu_thread_binding, split_cores
@@ -46,7 +46,7 @@ def _start(tp: int, monkeypatch: pytest.MonkeyPatch) -> AsyncVirtualLM:
     monkeypatch.delenv(BIND, raising=False)  # the user sets no binding
     return AsyncVirtualLM.from_name(
         str(assets.tiny_llama_dir()),
-        engine_opts={"tensor_parallel_size": tp, "dtype": "float32", "block_size": 32, "seed": 0},
+        engine_opts={"tensor_parallel_size": tp, **VLLM_EAGER_OPTS},
     )
 
 
