@@ -14,6 +14,7 @@ import anyio
 import numpy as np
 import pytest
 import torch
+from conftest import ask_concurrently
 from references import transformers_logprobs
 
 from genlm_anyio import AsyncTransformer, TokenCharacterTrie
@@ -49,19 +50,8 @@ def test_extending_by_one_token_computes_one_token_and_batches_agree(cuda_lm):
 
     rows = [prompt + [t] for t in range(20, 36)]
 
-    async def batch() -> list[torch.Tensor]:
-        out: list[torch.Tensor] = [torch.empty(0)] * len(rows)
-
-        async def one(i: int) -> None:
-            out[i] = await cuda_lm.next_token_logprobs(rows[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(rows)):
-                tg.start_soon(one, i)
-        return out
-
     passes = cuda_lm.compute_stats.forward_passes
-    got = anyio.run(batch)
+    got = anyio.run(ask_concurrently, cuda_lm, rows)
     assert cuda_lm.compute_stats.forward_passes - passes == 1
     for row, logps in zip(rows, got):
         torch.testing.assert_close(logps.cpu(), transformers_logprobs(cuda_lm.model, row), atol=1e-3, rtol=0)

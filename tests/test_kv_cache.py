@@ -8,7 +8,7 @@ import random
 import anyio
 import pytest
 import torch
-from conftest import assets
+from conftest import ask_concurrently, assets
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from references import assert_close_to, transformers_logprobs
@@ -241,21 +241,10 @@ def test_128_distinct_prompts_are_cached_and_each_step_computes_128_tokens(smoll
     assert lm.compute_stats.tokens_computed - before == prompt_tokens
     assert lm.kv_cache.stats.in_use == prompt_tokens and lm.kv_cache.stats.tokens_evicted == 0
 
-    async def step(seqs):
-        out = [None] * len(seqs)
-
-        async def one(i):
-            out[i] = await lm.next_token_logprobs(seqs[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(seqs)):
-                tg.start_soon(one, i)
-        return out
-
     for token in (11, 12):
         seqs = [s + [token] for s in seqs]
         before = lm.compute_stats.tokens_computed
-        out = anyio.run(step, seqs)
+        out = anyio.run(ask_concurrently, lm, seqs)
         assert lm.compute_stats.tokens_computed - before == 128
     for s, got in list(zip(seqs, out))[::43]:
         assert_close_to(transformers_logprobs(lm.model, s), got, f"{len(s)} tokens")

@@ -20,7 +20,7 @@ import random
 import anyio
 import pytest
 import torch
-from conftest import assets
+from conftest import ask_concurrently, assets
 from prefix_engines import TOL
 
 from genlm_anyio import AsyncMlxLM, AsyncTransformer
@@ -98,19 +98,6 @@ def _assert_matches(kind, close, reference, seqs, rows):
             assert err < MLX_PROB_TOL, f"{kind}, {len(ids)} tokens: max probability difference {err}"
 
 
-async def _ask_concurrently(lm, seqs):
-    """Each sequence from its own task, as particles ask."""
-    out = [None] * len(seqs)
-
-    async def one(i):
-        out[i] = await lm.next_token_logprobs(seqs[i])
-
-    async with anyio.create_task_group() as tg:
-        for i in range(len(seqs)):
-            tg.start_soon(one, i)
-    return out
-
-
 def _counts(lm):
     return lm.compute_stats.forward_passes, lm.compute_stats.tokens_computed, lm.batch_stats.batches
 
@@ -130,7 +117,7 @@ def test_a_step_of_128_particles_after_a_2000_token_prompt_is_one_forward_pass(e
     for step in range(2):  # the prompt's extension, then theirs
         particles = [prompt + [2000 + i] + [3000 + i] * step for i in range(PARTICLES)]
         before = _counts(lm)
-        out = anyio.run(_ask_concurrently, lm, particles)
+        out = anyio.run(ask_concurrently, lm, particles)
         # One batch, one forward pass, one token per particle.
         assert _since(lm, before) == (1, PARTICLES, 1), kind
         _assert_matches(kind, close, reference, particles[:1], out[:1])
@@ -144,7 +131,7 @@ def test_new_prompts_ride_along_with_the_particles(engine, reference):
     fresh = [_ids(10 + k, n) for k, n in enumerate((4, 8, 12))]
     particles = [prompt + [2000 + i] for i in range(PARTICLES - len(fresh))]  # a full batch in all
     before = _counts(lm)
-    out = anyio.run(_ask_concurrently, lm, particles + fresh)
+    out = anyio.run(ask_concurrently, lm, particles + fresh)
     assert _since(lm, before) == (1, len(particles) + 24, 1), kind
     _assert_matches(kind, close, reference, [particles[0], *fresh], [out[0], *out[len(particles) :]])
 
@@ -167,7 +154,7 @@ def test_a_prompt_longer_than_a_forward_pass_is_computed_in_chunks(engine, refer
         particles = [prompt + [2000 + i] for i in range(min(PARTICLES, cap))]
         other = _ids(4, other_tokens)
         before = _counts(lm)
-        out = anyio.run(_ask_concurrently, lm, [*particles, other])
+        out = anyio.run(ask_concurrently, lm, [*particles, other])
         assert _since(lm, before) == (1 + -(-other_tokens // cap), len(particles) + other_tokens, 2), kind
         assert lm.compute_stats.largest_forward_tokens == cap
         _assert_matches(kind, close, reference, [particles[0], other], [out[0], out[-1]])

@@ -19,7 +19,7 @@ import anyio
 import pytest
 import torch
 import trio
-from conftest import Outcomes, ask_after_cancelled_callers, ask_all_at_once, assets, good_beside_bad
+from conftest import Outcomes, ask_after_cancelled_callers, ask_all_at_once, ask_concurrently, assets, good_beside_bad
 
 if sys.version_info >= (3, 11):
     from builtins import ExceptionGroup
@@ -149,18 +149,7 @@ def test_logprobs_agree_with_transformers_for_a_mixed_batch(vllm_lm, hf_lm, run)
     vllm_lm.clear_cache()
     before = vllm_lm.batch_stats.batches
 
-    async def main():
-        results = [None] * len(seqs)
-
-        async def one(i):
-            results[i] = await vllm_lm.next_token_logprobs(seqs[i])
-
-        async with anyio.create_task_group() as tg:
-            for i in range(len(seqs)):
-                tg.start_soon(one, i)
-        return results
-
-    results = run(main)
+    results = run(ask_concurrently, vllm_lm, seqs)
     # All concurrent requests went to the engine together; the duplicate ran once.
     assert vllm_lm.batch_stats.batches == before + 1
     for ids, got in zip(seqs, results):
