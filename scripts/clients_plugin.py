@@ -3,11 +3,15 @@
 - **The same random state for each test.** ``random``, numpy and torch are
   seeded with 0 before every test, so the suites' sampling tests (SMC, AWRS,
   which draw from the global generators) give the same outcome on every run.
-- **Which tests reach genlm-anyio.** While a test sets up and runs, a trace
-  function watches for the first call into genlm-anyio's own code (a model, a
-  trie, a vocabulary, a ``Token``: any function of the ``genlm_anyio`` package
-  except the compat switch's import machinery, its lazy exports and whatever
-  runs while a module is imported). A test that never calls in only imports us.
+- **Which tests reach genlm-anyio.** Every function and method of
+  genlm-anyio's own modules (a model, a trie, a vocabulary: any function of the
+  ``genlm_anyio`` package but the compat switch's import machinery and its lazy
+  exports) is wrapped as its module is imported, and a wrapper called from the
+  main thread while a test sets up or runs marks that test, unless the call
+  happens while a module is imported. A test that never calls in only imports
+  us. (A wrapper costs one flag test per call; a trace function, which Python
+  calls on every call of every function, made pytest crash in a suite's
+  failure reports.)
 - **A report.** With ``GENLM_ANYIO_CLIENT_REPORT`` set to a file, each test's
   outcome (passed, failed, error, skipped, xfailed, xpassed), the first line of
   its error or skip reason, and whether it reached genlm-anyio are written
@@ -27,16 +31,21 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.abc
+import importlib.machinery
 import importlib.util
+import inspect
 import json
 import os
 import random
 import re
 import sys
-from collections.abc import Iterator
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from types import FrameType
+from types import FrameType, FunctionType, ModuleType
 from typing import Any
 
 import numpy as np
@@ -56,6 +65,7 @@ def _package_dir() -> str:
 _OURS = _package_dir()
 # Import machinery, not a model, trie or vocabulary: the compat switch and the lazy exports.
 _NOT_A_CALL_IN = (os.path.join(_OURS, "compat", ""), os.path.join(_OURS, "_lazy.py"))
+_MAIN_THREAD = threading.main_thread().ident
 
 
 def _importing(frame: FrameType | None) -> bool:
@@ -73,21 +83,147 @@ class _Recorder:
     def __init__(self) -> None:
         self.tests: dict[str, dict[str, Any]] = {}
         self.current: str | None = None
+        self.armed = False  # a test sets up or runs and has not called in yet
         self.deselected: dict[str, list[str]] = {}
 
-    def trace(self, frame: FrameType, event: str, arg: Any) -> None:
-        code = frame.f_code
-        name = code.co_filename
-        if name.startswith(_OURS) and not name.startswith(_NOT_A_CALL_IN) and not _importing(frame):
-            if self.current is not None:
-                self.tests[self.current]["reached"] = True
-            sys.settrace(None)  # one call is enough: the rest of the phase runs untraced
+    def called(self) -> None:
+        """A wrapper of genlm-anyio's was called (two frames up is its caller)."""
+        if self.current is None or threading.get_ident() != _MAIN_THREAD or _importing(sys._getframe(2)):
+            return
+        self.tests[self.current]["reached"] = True
+        self.armed = False
 
     def entry(self, nodeid: str) -> dict[str, Any]:
         return self.tests.setdefault(nodeid, {"outcome": None, "message": "", "reached": False})
 
 
 _RECORDER = _Recorder()
+_WRAPPERS: dict[Callable[..., Any], Callable[..., Any]] = {}  # genlm-anyio's function -> its wrapper
+_WRAPPERS_MADE: set[Callable[..., Any]] = set()
+_WATCHED_CLASSES: set[type] = set()
+
+
+def _ours(function: Any) -> bool:
+    """Whether ``function`` is (or decorates) a function of genlm-anyio that counts as a call in."""
+    if not isinstance(function, FunctionType) or function in _WRAPPERS_MADE:
+        return False
+    name = inspect.unwrap(function).__code__.co_filename
+    return name.startswith(_OURS) and not name.startswith(_NOT_A_CALL_IN)
+
+
+def _watched(function: Callable[..., Any]) -> Callable[..., Any]:
+    """``function``'s wrapper, which tells the recorder it was called (one per function)."""
+    wrapper = _WRAPPERS.get(function)
+    if wrapper is not None:
+        return wrapper
+    if inspect.iscoroutinefunction(function):  # stays a coroutine function for those who ask
+
+        @functools.wraps(function)
+        async def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if _RECORDER.armed:
+                _RECORDER.called()
+            return await function(*args, **kwargs)
+
+    else:
+
+        @functools.wraps(function)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            if _RECORDER.armed:
+                _RECORDER.called()
+            return function(*args, **kwargs)
+
+    _WRAPPERS[function] = wrapper
+    _WRAPPERS_MADE.add(wrapper)
+    return wrapper
+
+
+def _watched_attribute(value: Any) -> Any:
+    """A class attribute with its functions of genlm-anyio wrapped (``value`` itself if it has none)."""
+    if _ours(value):
+        return _watched(value)
+    if isinstance(value, (staticmethod, classmethod)) and _ours(value.__func__):
+        return type(value)(_watched(value.__func__))
+    if type(value) is property and any(_ours(f) for f in (value.fget, value.fset, value.fdel)):
+        wrap = [_watched(f) if _ours(f) else f for f in (value.fget, value.fset, value.fdel)]
+        return property(*wrap, value.__doc__)
+    if isinstance(value, functools.cached_property) and _ours(value.func):
+        cached = functools.cached_property(_watched(value.func))
+        cached.attrname = value.attrname
+        return cached
+    if isinstance(value, type):
+        _watch_class(value)
+    return value
+
+
+def _watch_class(cls: type) -> None:
+    module = sys.modules.get(cls.__module__)
+    if cls in _WATCHED_CLASSES or module is None or not _watched_module(module):
+        return
+    _WATCHED_CLASSES.add(cls)
+    for name, value in list(vars(cls).items()):
+        new = _watched_attribute(value)
+        if new is not value:
+            setattr(cls, name, new)
+
+
+def _watched_module(module: ModuleType) -> bool:
+    name = getattr(module, "__file__", None) or ""
+    return name.startswith(_OURS) and not name.startswith(_NOT_A_CALL_IN)
+
+
+def _watch_module(module: ModuleType) -> None:
+    """Wrap the functions of genlm-anyio in ``module``'s namespace and in its classes."""
+    if not _watched_module(module):
+        return
+    for name, value in list(vars(module).items()):
+        if isinstance(value, type):
+            _watch_class(value)
+        elif _ours(value):
+            setattr(module, name, _watched(value))
+
+
+class _WatchingLoader(importlib.abc.Loader):
+    """A genlm-anyio module's own loader, whose module is watched once it has run."""
+
+    def __init__(self, loader: importlib.abc.Loader) -> None:
+        self.loader = loader
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self.loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self.loader.exec_module(module)
+        _watch_module(module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_resource_reader, ...
+        return getattr(self.loader, name)
+
+
+class _WatchingFinder(importlib.abc.MetaPathFinder):
+    """Finds genlm-anyio's modules as the other finders do, with a watching loader."""
+
+    def find_spec(
+        self, name: str, path: Sequence[str] | None, target: ModuleType | None = None
+    ) -> importlib.machinery.ModuleSpec | None:
+        if name.partition(".")[0] != "genlm_anyio":
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            spec = None if finder is self or find is None else find(name, path, target)
+            if spec is not None:
+                if spec.loader is not None:
+                    spec.loader = _WatchingLoader(spec.loader)
+                return spec
+        return None
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_load_initial_conftests() -> None:
+    """Watch genlm-anyio before a conftest.py imports it (the switch has imported some of it already)."""
+    sys.meta_path.insert(0, _WatchingFinder())
+    for name, module in list(sys.modules.items()):
+        if name.partition(".")[0] == "genlm_anyio":
+            _watch_module(module)
 
 
 @pytest.fixture(autouse=True)
@@ -140,26 +276,25 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 @contextmanager
-def _traced(item: pytest.Item) -> Iterator[None]:
+def _watching(item: pytest.Item) -> Iterator[None]:
     _RECORDER.current = item.nodeid
-    _RECORDER.entry(item.nodeid)
-    sys.settrace(_RECORDER.trace)
+    _RECORDER.armed = not _RECORDER.entry(item.nodeid)["reached"]
     try:
         yield
     finally:
-        sys.settrace(None)
         _RECORDER.current = None
+        _RECORDER.armed = False
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
-    with _traced(item):
+    with _watching(item):
         return (yield)
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    with _traced(item):
+    with _watching(item):
         return (yield)
 
 
