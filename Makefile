@@ -4,8 +4,8 @@
 # does; `make help` prints those lines.
 VENV    ?= .venv
 PY      := $(VENV)/bin/python
-ASSETS  := $(PY) scripts/assets.py
-SOURCES := src tests benches scripts examples
+ASSETS  := $(PY) -m tools.assets
+SOURCES := src tests benches scripts tools examples
 
 .DEFAULT_GOAL := help
 
@@ -81,19 +81,19 @@ test-vllm: assets
 # skips must be those tests/clients/*.txt list (docs/compat.md).
 .PHONY: test-clients  ## Our users' tests that call into genlm-anyio, and genlm-control's documented examples
 test-clients: assets
-	$(PY) scripts/client_suites.py
-	$(PY) scripts/client_examples.py
+	$(PY) -m tools.client_suites
+	$(PY) -m tools.client_examples
 
 # Every test of those suites; also checks that tests/clients/reaching.txt is current.
 .PHONY: test-clients-full  ## Our users' whole test suites on genlm-anyio (not part of `make test`)
 test-clients-full: assets
-	$(PY) scripts/client_suites.py --full
+	$(PY) -m tools.client_suites --full
 
 # The same suites on genlm-backend itself, for comparison (not part of `make test`).
 .PHONY: clients-reference  ## The same suites and examples on genlm-backend itself, for comparison
 clients-reference: assets
-	$(PY) scripts/client_suites.py --reference
-	$(PY) scripts/client_examples.py --reference
+	$(PY) -m tools.client_suites --reference
+	$(PY) -m tools.client_examples --reference
 
 .PHONY: test-wheel  ## The wheel (manylinux2014) in a new, empty virtual environment, used as a user would
 test-wheel: assets
@@ -112,7 +112,7 @@ test:
 # Each benchmark prints genlm-anyio beside its reference (genlm-backend, vLLM's own
 # decode loop, one replica), measured in the same run, and writes benches/results/;
 # render_docs.py then puts those figures into docs/benchmarks.md (and any page quoting them).
-BENCH := PYTHONPATH=scripts $(PY)
+BENCH := PYTHONPATH=. $(PY)
 .PHONY: bench  ## The benchmarks, each beside its reference measured in the same run
 bench: export BENCH_RUN := $(shell date -u +%Y-%m-%dT%H:%M:%SZ)
 bench: assets

@@ -1,6 +1,6 @@
 """genlm-control workloads on SmolLM2-135M: genlm-anyio (through the compat switch) beside genlm-backend.
 
-    PYTHONPATH=scripts python benches/bench_control.py [--workloads direct,regex,json,bytes] [--repeats 3]
+    PYTHONPATH=. python benches/bench_control.py [--workloads direct,regex,json,bytes] [--repeats 3]
         [--profile] [--seed S]
 
 The workloads of ``control_workloads.py`` run in two processes that each load
@@ -26,8 +26,9 @@ import argparse
 import sys
 from functools import partial
 
-import assets
 from common import HERE, MIN_REPEATS, Report, Worker, alternate, best_median, fmt, ratio, reference_env
+
+from tools import assets
 
 PROGRAM = HERE / "control_workloads.py"
 

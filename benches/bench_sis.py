@@ -4,7 +4,7 @@ N particles each extend the same prompt by T tokens (EOS masked out, so every
 particle runs all T steps), each step one ``await next_token_logprobs`` per
 particle. SmolLM2-135M-Instruct, fp32, CPU, both libraries in this process.
 
-    PYTHONPATH=scripts python benches/bench_sis.py [--sizes 10x10,32x32,64x64] [--anchor-max 32x32]
+    PYTHONPATH=. python benches/bench_sis.py [--sizes 10x10,32x32,64x64] [--anchor-max 32x32]
         [--repeats 3] [--mlx 32x32]
 
 genlm-backend runs at its defaults (``batch_size=20``: several forward passes
@@ -23,9 +23,10 @@ import asyncio
 import time
 from collections.abc import Callable
 
-import assets
 import torch
 from common import MIN_REPEATS, Report, Run, alternate, best_median, genlm_backend_module, ratio
+
+from tools import assets
 
 
 async def sis(llm, prompt: list[int], n: int, steps: int, eos: int) -> int:

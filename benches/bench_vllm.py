@@ -19,7 +19,7 @@ vocabulary). ``--check`` first runs the end-to-end checks that benches/gpu.sh
 needs on a GPU: the capture found, no row crossing a process, and captured rows
 equal to ``logprobs=-1``'s within 1e-6.
 
-    PYTHONPATH=scripts python benches/bench_vllm.py [--sizes 32x32,64x64] [--engines in-process,multiprocess]
+    PYTHONPATH=. python benches/bench_vllm.py [--sizes 32x32,64x64] [--engines in-process,multiprocess]
         [--model random:llama-1b --tokenizer DIR] [--engine '{"gpu_memory_utilization": 0.4}'] [--check]
 """
 
@@ -35,9 +35,10 @@ from typing import Any
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import assets
 from bench_sis import timed
 from common import MIN_REPEATS, Report, VLLMGenerate, alternate, fmt, ratio
+
+from tools import assets
 
 # The multiprocess engine first: an in-process engine fixes vLLM's settings for the rest of the process.
 ENGINES = ("multiprocess", "in-process")

@@ -1,6 +1,6 @@
 """Byte vocabulary and trie: genlm-anyio beside genlm-backend, same process.
 
-    PYTHONPATH=scripts python benches/bench_vocab_trie.py [--repeats 3]
+    PYTHONPATH=. python benches/bench_vocab_trie.py [--repeats 3]
 
 Workload (the issue's): the qwen2 tokenizer (151,936 ids) from llama.cpp's
 vocabulary files; decode_vocab, trie construction, one weight_sum, a batch of
@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import argparse
 
-import assets
 import numpy as np
 from common import MIN_REPEATS, Report, alternate, best_median, genlm_backend_module, ratio
+
+from tools import assets
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """Realistic workloads: long shared prompts and many particles, each system in a process of its own.
 
-    PYTHONPATH=scripts python benches/bench_workloads.py [--grid 16x16,2048x64,...] [--tokens 8]
+    PYTHONPATH=. python benches/bench_workloads.py [--grid 16x16,2048x64,...] [--tokens 8]
         [--control json:8:12,direct:16:12] [--control-prompt 1500] [--repeats 3] [--systems ...]
         [--anchor-max 64] [--max-kv-gb 8] [--vllm-engine '{"block_size": 32}']
         [--model DIR | --model random:llama-1b --tokenizer DIR] [--device cuda] [--dtype bfloat16]
@@ -83,7 +83,7 @@ def kv_bytes_per_token(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, LlamaConfig
 
     if args.model.startswith("random:"):
-        import assets
+        from tools import assets
 
         config = LlamaConfig(**assets.LLAMA_SHAPES[args.model.removeprefix("random:")])
     else:
@@ -393,8 +393,9 @@ def main() -> None:
         parser.error(f"unknown systems {sorted(unknown)}; choose from {SYSTEMS}")
     from pathlib import Path
 
-    import assets
     from transformers import AutoTokenizer
+
+    from tools import assets
 
     if args.model is None:
         args.model = str(assets.smollm2_dir())

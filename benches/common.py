@@ -52,7 +52,6 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-sys.path.insert(0, str(ROOT / "scripts"))
 
 MIN_REPEATS = 3
 
@@ -383,9 +382,7 @@ class Worker:
         self.name = name
         self._log = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
         base = dict(os.environ if env is None else env)
-        base["PYTHONPATH"] = os.pathsep.join(
-            [str(HERE), str(ROOT / "scripts"), *filter(None, [base.get("PYTHONPATH")])]
-        )
+        base["PYTHONPATH"] = os.pathsep.join([str(HERE), str(ROOT), *filter(None, [base.get("PYTHONPATH")])])
         print(f"  starting {name}: {shlex.join(argv)}", file=sys.stderr, flush=True)
         self._proc = subprocess.Popen(
             argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log, text=True, env=base, cwd=ROOT

@@ -18,7 +18,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
 export GENLM_ANYIO_TOKENIZER=${GENLM_ANYIO_TOKENIZER:-$PWD/.gpu-assets/smollm2-tokenizer}
-export PYTHONPATH="$PWD/src:$PWD/scripts:$PWD/benches${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD/src:$PWD:$PWD/benches${PYTHONPATH:+:$PYTHONPATH}"
 
 $PY - <<'PYEOF'
 import torch, genlm_anyio, genlm_anyio._core

@@ -6,7 +6,7 @@ speed, is that of trained weights): SmolLM2-135M's Llama configuration, and a
 ~1B Llama (Llama-3.2-1B's shape), both over the SmolLM2 tokenizer. The vLLM
 columns need vLLM installed; without it they are left out, with the reason.
 
-    PYTHONPATH=scripts python benches/gpu_sis.py --tokenizer DIR [--device cuda] [--models smollm2,llama-1b]
+    PYTHONPATH=. python benches/gpu_sis.py --tokenizer DIR [--device cuda] [--models smollm2,llama-1b]
                               [--sizes 64x64,256x64]
 """
 
@@ -20,9 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import assets
 import torch
 from bench_sis import timed
+
+from tools import assets
 
 
 def vllm_rows(model: Any, tokenizer: Any, prompt: list[int], eos: int, sizes: list[tuple[int, int]]) -> list[str]:

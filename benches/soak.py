@@ -11,7 +11,7 @@ Every ``--every`` seconds it prints resident memory (RSS) and the KV cache's
 bytes in use; at the end, the slopes of both after the warm-up (a least-squares
 line, MiB per minute) and the counts of steps, requests and cancellations.
 
-    PYTHONPATH=scripts python benches/soak.py [--minutes 10] [--backend asyncio|trio] [--particles 48]
+    PYTHONPATH=. python benches/soak.py [--minutes 10] [--backend asyncio|trio] [--particles 48]
 """
 
 from __future__ import annotations
@@ -19,17 +19,13 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import sys
 import time
-from pathlib import Path
 
 import anyio
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import assets
-
 from genlm_anyio import AsyncTransformer
+from tools import assets
 
 WORDS = "river stone market winter lantern harbor orchard signal meadow engine copper valley".split()
 

@@ -14,7 +14,7 @@ SYSTEM is one of:
   ``vllm.LLM`` keyword arguments).
 
 MODEL is a model folder, or ``random:SHAPE`` (a random-weight Llama of
-``scripts/assets.py``'s ``LLAMA_SHAPES`` over the tokenizer of ``--tokenizer``).
+``tools/assets.py``'s ``LLAMA_SHAPES`` over the tokenizer of ``--tokenizer``).
 
 Each run gets a prompt (token ids), N particles and T tokens. The prompt is
 computed first and not timed (``prefill_s``): ``cache_kv`` on the two libraries,
@@ -47,9 +47,10 @@ Ops = dict[str, Callable[..., dict[str, Any]]]
 
 def load_hf(model: str, device: str, dtype_name: str, tokenizer_dir: str | None) -> tuple[Any, Any]:
     """The transformers model and tokenizer of ``model`` (a folder or ``random:SHAPE``)."""
-    import assets
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from tools import assets
 
     dtype = getattr(torch, dtype_name)
     if model.startswith("random:"):

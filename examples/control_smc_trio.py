@@ -20,7 +20,7 @@ with genlm-anyio's model and trie directly:
   below ``ess_threshold * N``.
 
 MODEL is a local model folder or hub id (default: the SmolLM2-135M-Instruct
-folder from ``scripts/assets.py``). Prints the posterior over the completed
+folder from ``tools/assets.py``). Prints the posterior over the completed
 strings, one ``'STRING' (probability: P)`` line each.
 """
 
@@ -166,8 +166,8 @@ class ConstrainedSMC:
 
 
 def default_model() -> str:
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    import assets
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a file: the tools package
+    from tools import assets
 
     return str(assets.smollm2_dir())
 

@@ -41,7 +41,7 @@ log() {
 }
 
 log "the SmolLM2 folder (assets cache)"
-MODEL=$("$DEV_PY" scripts/assets.py smollm2 | tail -n 1)
+MODEL=$("$DEV_PY" -m tools.assets smollm2 | tail -n 1)
 [ -d "$MODEL" ] || { echo "no model folder at '$MODEL'"; exit 1; }
 
 log "build the abi3 wheel with maturin: $COMPATIBILITY, linked by zig, audited by maturin"

@@ -4,16 +4,14 @@ runs every language-model backend's tests share."""
 from __future__ import annotations
 
 import functools
-import sys
 from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-import anyio.lowlevel
-import assets
+from tools import assets
 
 # The vLLM engines of the tests that check processes (an engine core in its own
 # process, tensor parallelism, replicas) rather than the model's graph run eagerly:

@@ -11,12 +11,11 @@ import sys
 import textwrap
 from pathlib import Path
 
-import client_lists  # scripts/, on the path through conftest.py
-import client_rewrites
-import client_suites
 import pytest
 
-SCRIPTS = Path(client_lists.__file__).resolve().parent
+from tools import client_lists, client_rewrites, client_suites
+
+ROOT = Path(client_lists.__file__).resolve().parent.parent
 
 SUITE = """
 import random
@@ -78,7 +77,7 @@ def run_suite(tmp_path: Path, *args: str, **env: str) -> dict:
     report = tmp_path / "report.json"
     full_env = dict(
         os.environ,
-        PYTHONPATH=os.pathsep.join([str(SCRIPTS), os.environ.get("PYTHONPATH", "")]),
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
         GENLM_ANYIO_CLIENT_REPORT=str(report),
         GENLM_ANYIO_CLIENT_DESELECT=str(tmp_path / "deselect.json"),
         **env,
@@ -91,11 +90,11 @@ def run_suite(tmp_path: Path, *args: str, **env: str) -> dict:
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
     """The plugin's report of the suite above, run once with the plugin loaded."""
-    return run_suite(tmp_path_factory.mktemp("suite"), "-p", "clients_plugin")
+    return run_suite(tmp_path_factory.mktemp("suite"), "-p", "tools.clients_plugin")
 
 
 def test_the_plugin_is_loaded_by_the_runner_and_seeds_each_test(report):
-    assert client_suites.PYTEST_ARGS[:2] == ["-p", "clients_plugin"]
+    assert client_suites.PYTEST_ARGS[:2] == ["-p", "tools.clients_plugin"]
     assert report["plugin"] == "clients_plugin"
     tests = report["tests"]
     assert tests["test_suite.py::test_seeded"]["outcome"] == "passed"
@@ -127,7 +126,9 @@ def test_the_report_holds_outcomes_messages_and_deselections(report):
 
 def test_a_selection_runs_only_the_listed_tests(tmp_path):
     (tmp_path / "select.txt").write_text("test_suite.py::test_fails\n", encoding="utf-8")
-    tests = run_suite(tmp_path, "-p", "clients_plugin", GENLM_ANYIO_CLIENT_SELECT=str(tmp_path / "select.txt"))["tests"]
+    tests = run_suite(tmp_path, "-p", "tools.clients_plugin", GENLM_ANYIO_CLIENT_SELECT=str(tmp_path / "select.txt"))[
+        "tests"
+    ]
     assert list(tests) == ["test_suite.py::test_fails"]
 
 

@@ -25,8 +25,9 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 @pytest.fixture(scope="module")
 def cuda_lm():
-    import assets
     from transformers import AutoTokenizer
+
+    from tools import assets
 
     tokenizer = AutoTokenizer.from_pretrained(os.environ.get("GENLM_ANYIO_TOKENIZER") or assets.smollm2_dir())
     model = assets.random_llama("smollm2", tokenizer, "cuda", torch.float32)

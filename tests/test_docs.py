@@ -5,7 +5,7 @@ Conventions, which docs/index.md states for readers:
 - each block is a whole program, run on its own in a fresh interpreter (in a
   scratch directory, with a timeout);
 - the hub id ``HuggingFaceTB/SmolLM2-135M-Instruct`` stands for the local copy of
-  that model the tests use (scripts/assets.py), and the scratch directory of a
+  that model the tests use (tools/assets.py), and the scratch directory of a
   block that names its GGUF file, ``SmolLM2-135M-Instruct.Q4_1.gguf``, holds it;
 - a block that cannot run here is preceded by ``<!-- skip: REASON -->`` (the
   reason is required, and shown as the skip's reason).

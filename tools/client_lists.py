@@ -155,7 +155,7 @@ def check(
         problems.append(f"{suite}: {len(skipped)} skipped, {len(listed)} listed in {_rel(KNOWN_SKIPS)}")
     reached = {t for t, got in tests.items() if got["reached"]}
     committed = {t for t in reaching if judged(t)}
-    update = f"(run `python scripts/client_suites.py --full --update` to regenerate {_rel(REACHING)})"
+    update = f"(run `python -m tools.client_suites --full --update` to regenerate {_rel(REACHING)})"
     for test_id in sorted(committed - reached):
         state = "did not run" if test_id not in tests else "no longer calls into genlm-anyio"
         problems.append(f"{test_id}: in {_rel(REACHING)} but {state} {update}")

@@ -1,4 +1,4 @@
-"""The pytest plugin of the client suites, loaded with ``-p clients_plugin``.
+"""The pytest plugin of the client suites, loaded with ``-p tools.clients_plugin``.
 
 - **The same random state for each test.** ``random``, numpy and torch are
   seeded with 0 before every test, so the suites' sampling tests (SMC, AWRS,

@@ -1,6 +1,6 @@
 """Run genlm-control's documented examples on genlm-anyio, through the compat switch.
 
-    python scripts/client_examples.py [--timeout SECONDS] [--reference] [--list]
+    python -m tools.client_examples [--timeout SECONDS] [--reference] [--list]
 
 The ```python blocks of genlm-control 0.4.1's README.md and docs/*.md are read
 from its sdist (fetched from PyPI into the asset cache, never copied here). Each
@@ -46,8 +46,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import assets
+from . import assets
 
 ROOT = Path(__file__).resolve().parent.parent
 SDIST = "genlm-control==0.4.1"

