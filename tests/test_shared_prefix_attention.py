@@ -155,11 +155,11 @@ def test_particles_over_a_shared_prompt_read_it_once_and_match_plain_transformer
     suffixes = [[1000 + 7 * i, 2000 + i] for i in range(particles)]
     engine.batch_next_token_logprobs_sync([prompt + s for s in suffixes])
     gathers = _Gathers(engine)
-    passes, computed = engine.stats.forward_passes, engine.stats.tokens_computed
+    passes, computed = engine.compute_stats.forward_passes, engine.compute_stats.tokens_computed
     step = [s + [300 + i] for i, s in enumerate(suffixes)]
     got = engine.batch_next_token_logprobs_sync([prompt + s for s in step])
-    assert engine.stats.forward_passes - passes == 1
-    assert engine.stats.tokens_computed - computed == particles
+    assert engine.compute_stats.forward_passes - passes == 1
+    assert engine.compute_stats.tokens_computed - computed == particles
     # The prompt is gathered once for all rows; each row gathers only its own two tokens.
     assert sorted(gathers.sizes) == sorted([particles * 2, prompt_tokens])
     checked = [0, particles // 2, particles - 1]
