@@ -287,12 +287,15 @@ class AsyncLM(Closeable):
     def _run_batch(self, batch: list[Request]) -> list[Any]:
         """The batcher's compute: the backend's batch function over the requests
         whose adapter is still registered; the others (removed or replaced after
-        they were submitted) fail alone."""
-        removed = [None if self._registered(r.adapter) else r.adapter for r in batch]
-        if not any(removed):
-            return self._batch(batch)
-        results = iter(self._batch([r for r, gone in zip(batch, removed) if gone is None]))
-        return [next(results) if gone is None else RequestFailed.adapter_removed(gone) for gone in removed]
+        they were submitted) fail alone. Adapters are neither loaded nor removed
+        while a batch runs (registration waits for it), so every adapter a
+        backend's batch function meets is registered from its start to its end."""
+        with self._adapters_lock:
+            removed = [None if self._registered(r.adapter) else r.adapter for r in batch]
+            if not any(removed):
+                return self._batch(batch)
+            results = iter(self._batch([r for r, gone in zip(batch, removed) if gone is None]))
+            return [next(results) if gone is None else RequestFailed.adapter_removed(gone) for gone in removed]
 
     def _ids(self, token_ids: Any, name: str = "token_ids") -> TokenIds:
         return _as_ids(token_ids, self.vocab_size, name)

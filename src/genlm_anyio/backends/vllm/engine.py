@@ -286,20 +286,12 @@ class VLLMEngine:
         :class:`RequestFailed` for a request vLLM ended with an error. Their
         adapters must be registered (:meth:`add_lora`)."""
         with self._lock:
-            # AsyncLM's pipeline dropped the rows of adapters removed before the batch
-            # began; one removed since then (remove_lora waits for this lock) fails here alone.
-            stale = {
-                i: r.adapter for i, r in enumerate(requests) if r.adapter is not None and r.adapter not in self.loras
-            }
             try:
-                if not stale:
-                    return self._run(requests)
-                ran = iter(self._run([r for i, r in enumerate(requests) if i not in stale]))
+                return self._run(requests)
             except self._dead_error as exc:
                 raise RuntimeError(
                     "vLLM's engine process died: this model cannot run requests any more; close it and start a new one"
                 ) from exc
-            return [RequestFailed.adapter_removed(stale[i]) if i in stale else next(ran) for i in range(len(requests))]
 
     def _next_outputs(self) -> Any:
         """The engine core's next outputs.

@@ -45,9 +45,6 @@ class LoRAs:
         self.split_mixed = split_mixed
         self._requests: dict[Adapter, Any] = {}
 
-    def __contains__(self, adapter: Adapter) -> bool:
-        return adapter in self._requests
-
     def __bool__(self) -> bool:
         return bool(self._requests)
 
