@@ -18,10 +18,14 @@ from tools import client_lists, client_rewrites, client_suites
 ROOT = Path(client_lists.__file__).resolve().parent.parent
 
 SUITE = """
+import gc
 import random
+import weakref
 
 import numpy as np
 import pytest
+
+KEPT = []
 
 
 def test_seeded():
@@ -39,6 +43,15 @@ def test_reaches_the_trie():
 
     trie = TokenCharacterTrie([Token(0, b"a"), Token(1, b"ab")])
     assert trie.weight_sum([0.25, 0.75])[trie.root] == 1.0
+    holder = type("Holder", (), {})()
+    holder.cycle = holder  # only the garbage collector frees it
+    weakref.finalize(holder, trie.weight_sum, [0.25, 0.75])
+    KEPT.append(holder)
+
+
+def test_frees_an_earlier_tests_object():  # its finaliser calls the trie: not a call of this test
+    KEPT.clear()
+    assert gc.collect() > 0
 
 
 def test_reaches_from_a_fixture(vocab):

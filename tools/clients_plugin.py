@@ -8,7 +8,9 @@
   ``genlm_anyio`` package but the compat switch's import machinery and its lazy
   exports) is wrapped as its module is imported, and a wrapper called from the
   main thread while a test sets up or runs marks that test, unless the call
-  happens while a module is imported. A test that never calls in only imports
+  comes from genlm-anyio itself, from a finaliser (a garbage collection, a
+  ``weakref.finalize`` callback: an earlier test's objects go at any time), or
+  while a module is imported. A test that never calls in only imports
   us. (A wrapper costs one flag test per call; a trace function, which Python
   calls on every call of every function, made pytest crash in a suite's
   failure reports.)
@@ -32,6 +34,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import importlib.abc
 import importlib.machinery
 import importlib.util
@@ -42,6 +45,7 @@ import random
 import re
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -66,6 +70,8 @@ _OURS = _package_dir()
 # Import machinery, not a model, trie or vocabulary: the compat switch and the lazy exports.
 _NOT_A_CALL_IN = (os.path.join(_OURS, "compat", ""), os.path.join(_OURS, "_lazy.py"))
 _MAIN_THREAD = threading.main_thread().ident
+# Finalisers run when an object of an earlier test is collected, not because this test called.
+_FINALISING = weakref.finalize.__call__.__code__
 
 
 def _importing(frame: FrameType | None) -> bool:
@@ -84,14 +90,22 @@ class _Recorder:
         self.tests: dict[str, dict[str, Any]] = {}
         self.current: str | None = None
         self.armed = False  # a test sets up or runs and has not called in yet
+        self.collecting = False  # the garbage collector runs (and with it, finalisers)
         self.deselected: dict[str, list[str]] = {}
 
     def called(self) -> None:
         """A wrapper of genlm-anyio's was called (two frames up is its caller)."""
-        if self.current is None or threading.get_ident() != _MAIN_THREAD or _importing(sys._getframe(2)):
+        if self.current is None or self.collecting or threading.get_ident() != _MAIN_THREAD:
+            return
+        caller = sys._getframe(2)
+        # Only a call from outside enters genlm-anyio (one from its own code, a __del__ say, came in before).
+        if caller.f_code.co_filename.startswith(_OURS) or caller.f_code is _FINALISING or _importing(caller):
             return
         self.tests[self.current]["reached"] = True
         self.armed = False
+
+    def gc_phase(self, phase: str, info: dict[str, Any]) -> None:
+        self.collecting = phase == "start"
 
     def entry(self, nodeid: str) -> dict[str, Any]:
         return self.tests.setdefault(nodeid, {"outcome": None, "message": "", "reached": False})
@@ -221,6 +235,7 @@ class _WatchingFinder(importlib.abc.MetaPathFinder):
 def pytest_load_initial_conftests() -> None:
     """Watch genlm-anyio before a conftest.py imports it (the switch has imported some of it already)."""
     sys.meta_path.insert(0, _WatchingFinder())
+    gc.callbacks.append(_RECORDER.gc_phase)
     for name, module in list(sys.modules.items()):
         if name.partition(".")[0] == "genlm_anyio":
             _watch_module(module)
