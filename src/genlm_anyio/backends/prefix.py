@@ -257,7 +257,7 @@ class PrefixCachedLM(AsyncLM):
         ordered = sorted(paths)
         shared: dict[TokenIds, Query] = {}
         for a, b in zip(ordered, ordered[1:]):
-            common = common_length(a, b, len(a))
+            common = common_length(a, b)
             if common > max(starts[a], starts[b]):
                 # Equal first path tokens mean one adapter: a's ids and adapter name the prefix.
                 shared[a[:common]] = Query(paths[a].ids[:common], paths[a].adapter)

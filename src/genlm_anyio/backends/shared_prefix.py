@@ -57,9 +57,9 @@ class Plan:
         return max(len(o) for o in self.own)
 
 
-def common_length(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    """The length of the common prefix of ``a`` and ``b``, at most ``limit``."""
-    limit = min(limit, len(a), len(b))
+def common_length(a: Sequence[int], b: Sequence[int]) -> int:
+    """The length of the common prefix of ``a`` and ``b``."""
+    limit = min(len(a), len(b))
     if a[:limit] == b[:limit]:
         return limit
     lo, hi = 0, limit  # a[:lo] == b[:lo] and a[:hi] != b[:hi]: bisect with C-speed slice comparisons
@@ -78,7 +78,7 @@ def _groups(rows: list[int], past: Sequence[Sequence[int]]) -> list[Group]:
     groups = []
     while len(rows) >= 2:
         ref = past[max(rows, key=lambda r: len(past[r]))]
-        common = {r: common_length(ref, past[r], len(ref)) for r in rows}
+        common = {r: common_length(ref, past[r]) for r in rows}
         # With lengths sorted longest first, the i-th length is shared by i + 1 rows.
         lengths = sorted(common.values(), reverse=True)
         count, length = max(enumerate(lengths, 1), key=lambda c: (c[0] - 1) * c[1])
