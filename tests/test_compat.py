@@ -31,7 +31,6 @@ LEFT_OUT = {
     # The timer batching's internals: genlm-anyio batches without a timer or a query list.
     "genlm.backend.llm.hf:AsyncTransformer.add_query",
     "genlm.backend.llm.hf:AsyncTransformer.batch_evaluate_queries",
-    "genlm.backend.llm.hf:AsyncTransformer.reset_async_queries",
     "genlm.backend.llm.hf:AsyncTransformer.walk_cache",
     "genlm.backend.llm.hf:Query",
     "genlm.backend.llm.base:BatchAbandoned",
@@ -144,28 +143,53 @@ def test_every_public_name_of_genlm_backend_has_a_counterpart():
 
 def test_the_switch_resolves_genlm_backend_to_genlm_anyio():
     script = textwrap.dedent(
-        """
+        f"""
         import sys
         import genlm_anyio.compat as compat
         compat.install()
         import genlm.backend
         from genlm.backend.tokenization import Token
-        from genlm.backend.llm import AsyncTransformer
+        from genlm.backend.llm import AsyncTransformer, load_model_by_name
         import genlm.backend.llm.hf as hf
         import genlm.backend.trie.base as trie_base
         import genlm.backend.cache as cache
         import genlm_anyio, genlm_anyio.backends.hf, genlm_anyio.trie.token_trie
+        from genlm_anyio.compat import legacy
         from genlm.backend.llm.base import AsyncLM, MockAsyncLM
-        assert MockAsyncLM is genlm_anyio.MockAsyncLM
-        assert genlm.backend is genlm_anyio
-        assert hf is genlm_anyio.backends.hf and trie_base is genlm_anyio.trie.token_trie
-        assert Token is genlm_anyio.Token and AsyncTransformer is genlm_anyio.AsyncTransformer
+        assert MockAsyncLM is legacy.MockAsyncLM and issubclass(MockAsyncLM, genlm_anyio.MockAsyncLM)
+        for name in genlm_anyio.__all__:
+            assert getattr(genlm.backend, name) is compat.legacy_of(getattr(genlm_anyio, name)), name
+        assert genlm.backend.llm.hf is hf and hf.AsyncTransformer is AsyncTransformer
+        assert trie_base.TokenCharacterTrie is genlm_anyio.trie.token_trie.TokenCharacterTrie
+        assert Token is genlm_anyio.Token and issubclass(AsyncTransformer, genlm_anyio.AsyncTransformer)
         assert cache.OutputCache.__module__ == "genlm_anyio.cache"
+        lm = load_model_by_name({str(assets.smollm2_dir())!r}, backend="mock")
+        assert type(lm) is MockAsyncLM and isinstance(lm, AsyncLM) and isinstance(lm, genlm_anyio.AsyncLM)
         print("switched")
         """
     )
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "switched"
+
+
+# What genlm-backend 0.3.1 has and genlm-anyio's own classes leave to genlm_anyio.compat.legacy.
+LEFTOVERS = ("set_lora", "clear_lora", "reset_async_queries", "shutdown", "cleanup", "_task")
+LEFTOVER_ARGUMENTS = ("timeout", "cache_opts")
+
+
+def test_genlm_anyios_own_classes_carry_none_of_genlm_backends_leftovers():
+    import importlib
+    import inspect
+
+    for key in sorted(compat._LEGACY):
+        module, _, name = key.partition(":")
+        ours = getattr(importlib.import_module(module), name)
+        theirs = compat.legacy_of(ours)
+        assert theirs is not ours and theirs.__name__ == name, key
+        if inspect.isclass(ours):
+            assert issubclass(theirs, ours), key
+            assert not [attr for attr in LEFTOVERS if hasattr(ours, attr)], key
+            assert not [arg for arg in LEFTOVER_ARGUMENTS if arg in inspect.signature(ours).parameters], key
 
 
 def test_installing_does_not_import_torch():

@@ -14,6 +14,7 @@ from prefix_engines import PrefixEngineContract, assert_matches_reference
 from references import assert_close_to, transformers_logprobs
 
 from genlm_anyio import AsyncTransformer, MockAsyncLM, load_model_by_name
+from genlm_anyio.compat import legacy
 
 # Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow
@@ -82,8 +83,11 @@ def test_load_model_by_name_backends():
 
 def test_genlm_backend_arguments_batch_size_timeout_and_clear_kv_cache(hf_parts):
     model, tok = hf_parts
-    # genlm-backend's positional order: (hf_model, hf_tokenizer, batch_size, timeout).
-    with AsyncTransformer(model, tok, 10, 0.5) as lm:
+    # genlm-backend's positional order: (hf_model, hf_tokenizer, batch_size, timeout),
+    # on the class that genlm.backend's name gives; genlm-anyio's own has no timeout.
+    with pytest.raises(TypeError, match="timeout"):
+        AsyncTransformer(model, tok, 10, timeout=0.5)
+    with legacy.AsyncTransformer(model, tok, 10, 0.5) as lm:
         assert lm.batch_size == 10 and lm.timeout == 0.5
         lm.batch_size = 2
         lm.batch_next_token_logprobs_sync([[1], [2], [3], [4], [5]])
@@ -98,12 +102,12 @@ def test_genlm_backend_arguments_batch_size_timeout_and_clear_kv_cache(hf_parts)
         lm.next_token_logprobs_sync([1, 2, 3])
         assert lm.compute_stats.logprob_cache_hits == hits + 1
     with pytest.raises(ValueError, match="timeout"):
-        AsyncTransformer(model, tok, 10, -1)
+        legacy.AsyncTransformer(model, tok, 10, -1)
 
 
 def test_from_name_takes_genlm_backend_arguments():
     path = str(assets.smollm2_dir())
-    with AsyncTransformer.from_name(path, None, {"dtype": torch.float32}, batch_size=4, timeout=0.01) as lm:
+    with legacy.AsyncTransformer.from_name(path, None, {"dtype": torch.float32}, batch_size=4, timeout=0.01) as lm:
         assert lm.batch_size == 4 and lm.timeout == 0.01 and lm.model.dtype == torch.float32
 
 

@@ -18,6 +18,7 @@ from prefix_engines import TEXTS, PrefixEngineContract, assert_matches_reference
 from references import transformers_logprobs
 
 from genlm_anyio import AsyncMlxLM, load_model_by_name
+from genlm_anyio.compat import legacy
 
 pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'genlm-anyio[mlx]')")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install 'genlm-anyio[mlx]')")
@@ -105,10 +106,11 @@ def test_bad_constructor_arguments_are_named(llm):
     model, tok = llm.mlx_lm_model, llm.tokenizer
     with pytest.raises(ValueError, match="prefill_step_size"):
         AsyncMlxLM(model, tok, prefill_step_size=0)
+    # genlm-backend's timeout and cache_opts, on the class that genlm.backend's name gives.
     with pytest.raises(ValueError, match="timeout"):
-        AsyncMlxLM(model, tok, timeout=-1)
+        legacy.AsyncMlxLM(model, tok, timeout=-1)
     with pytest.raises(ValueError, match="cache_opts"):
-        AsyncMlxLM(model, tok, cache_opts={"maxbytes": 1})
+        legacy.AsyncMlxLM(model, tok, cache_opts={"maxbytes": 1})
 
 
 def test_load_model_by_name_and_genlm_backend_paths_give_the_mlx_class():

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from genlm_anyio import Token, TokenCharacterTrie, decode_vocab
 from genlm_anyio.batching import ClosedError
+from genlm_anyio.compat import legacy
 from genlm_anyio.lifetime import Closeable
 from genlm_anyio.trie import AsyncTokenCharacterTrie, ParallelTokenCharacterTrie
 
@@ -398,7 +399,7 @@ def test_async_trie_batches_concurrent_reductions(gpt2_trie, library, backend):
     assert len(errors) == 1 and "ws must have shape" in str(errors[0])
     # The bad request joins the batch and fails alone.
     assert atrie.batch_stats.batches == 1 and atrie.batch_stats.largest_batch == 13
-    assert atrie._task is None and atrie.closed  # leaving the block closed it
+    assert atrie._batcher is None and atrie.closed  # leaving the block closed it
     for (op, i), got in results.items():
         want = trie.weight_sum(ws[i]) if op == "sum" else trie.weight_max(ws[i])
         np.testing.assert_allclose(got, want, rtol=1e-10)
@@ -433,7 +434,7 @@ def test_async_trie_nan_fails_only_its_sender(gpt2_trie, backend, op):
                 tg.start_soon(one, i)
 
     anyio.run(main)
-    atrie.shutdown()
+    atrie.close()
     assert atrie.batch_stats.batches == 1 and atrie.batch_stats.largest_batch == 6
     error = outcomes.pop(4)
     assert isinstance(error, ValueError) and str(error) == "weights contain NaN (token 11)"
@@ -454,15 +455,16 @@ def test_visualize_draws_every_node_and_edge():
 
 @pytest.mark.parametrize("library", ["asyncio", "trio"])
 def test_async_trie_lifetime(gpt2_trie, library):
-    """shutdown()/cleanup() pause the worker (genlm-backend's names); close()/aclose(),
-    `with` and `async with` end the trie, as they end a model."""
+    """shutdown()/cleanup() pause the worker (genlm-backend's names, on the class
+    genlm.backend's name gives); close()/aclose(), `with` and `async with` end the
+    trie, as they end a model."""
     import anyio
 
     vocab, trie = gpt2_trie
     ws = np.random.default_rng(5).random(len(vocab))
     want = trie.weight_sum(ws)
-    atrie = AsyncTokenCharacterTrie(trie)
-    assert isinstance(atrie, Closeable)
+    atrie = legacy.AsyncTokenCharacterTrie(trie)
+    assert isinstance(atrie, Closeable) and not hasattr(AsyncTokenCharacterTrie(trie), "shutdown")
 
     async def paused_then_closed():
         np.testing.assert_allclose(await atrie.weight_sum(ws), want)

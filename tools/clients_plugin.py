@@ -6,7 +6,7 @@
 - **Which tests reach genlm-anyio.** Every function and method of
   genlm-anyio's own modules (a model, a trie, a vocabulary: any function of the
   ``genlm_anyio`` package but the compat switch's import machinery and its lazy
-  exports) is wrapped as its module is imported, and a wrapper called from the
+  exports; its ``legacy`` classes count) is wrapped as its module is imported, and a wrapper called from the
   main thread while a test sets up or runs marks that test, unless the call
   comes from genlm-anyio itself, from a finaliser (a garbage collection, a
   ``weakref.finalize`` callback: an earlier test's objects go at any time), or
@@ -67,8 +67,11 @@ def _package_dir() -> str:
 
 
 _OURS = _package_dir()
-# Import machinery, not a model, trie or vocabulary: the compat switch and the lazy exports.
-_NOT_A_CALL_IN = (os.path.join(_OURS, "compat", ""), os.path.join(_OURS, "_lazy.py"))
+# Import machinery, not a model, trie or vocabulary: the compat switch and the lazy
+# exports (compat/legacy.py's classes are models and tries).
+_NOT_A_CALL_IN = tuple(
+    os.path.join(_OURS, *part) for part in (("compat", "__init__.py"), ("compat", "__main__.py"), ("_lazy.py",))
+)
 _MAIN_THREAD = threading.main_thread().ident
 # Finalisers run when an object of an earlier test is collected, not because this test called.
 _FINALISING = weakref.finalize.__call__.__code__

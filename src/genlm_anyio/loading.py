@@ -4,6 +4,7 @@ that maps a backend's name to its class."""
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Mapping
 from typing import Any, Callable
 
 import torch
@@ -16,14 +17,17 @@ from .backends.mock import MockAsyncLM
 from .backends.vllm import AsyncVirtualLM
 from .backends.vllm.replicas import start_replicas
 
-_LOADERS: dict[str, Callable[..., AsyncLM]] = {
+Loaders = Mapping[str, Callable[..., AsyncLM]]
+"""Each backend's name -> the ``from_name`` of the class it loads."""
+
+LOADERS: Loaders = {
     "hf": AsyncTransformer.from_name,
     "vllm": AsyncVirtualLM.from_name,
     "mock": MockAsyncLM.from_name,
     "mlx": AsyncMlxLM.from_name,
     "sgl": AsyncSGLTransformer.from_name,
 }
-BACKENDS = tuple(_LOADERS)
+BACKENDS = tuple(LOADERS)
 
 
 def default_backend() -> str:
@@ -33,10 +37,10 @@ def default_backend() -> str:
     return "hf"
 
 
-def _loader(backend: str) -> Callable[..., AsyncLM]:
-    loader = _LOADERS.get(backend) if isinstance(backend, str) else None
+def _loader(loaders: Loaders, backend: str) -> Callable[..., AsyncLM]:
+    loader = loaders.get(backend) if isinstance(backend, str) else None
     if loader is None:
-        raise ValueError(f"Invalid backend: {backend!r}; the backends are {', '.join(BACKENDS)}")
+        raise ValueError(f"Invalid backend: {backend!r}; the backends are {', '.join(loaders)}")
     return loader
 
 
@@ -48,9 +52,15 @@ def load_model_by_name(name: str, backend: str | None = None, llm_opts: dict[str
     transformers. ``"sgl"`` (SGLang) raises NotImplementedError for now; any
     other name raises ValueError. ``llm_opts`` go to the backend's ``from_name``.
     """
+    return load_with(LOADERS, name, backend, llm_opts)
+
+
+def load_with(loaders: Loaders, name: str, backend: str | None, llm_opts: dict[str, Any] | None) -> AsyncLM:
+    """:func:`load_model_by_name` through ``loaders`` (genlm_anyio.compat loads its
+    own subclasses)."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"name must be a non-empty str, not {name!r}")
-    load = _loader(backend or default_backend())
+    load = _loader(loaders, backend or default_backend())
     return load(name, **dict(llm_opts or {}))
 
 
@@ -63,7 +73,7 @@ def load_replicas(name: str, count: int, backend: str, replica_opts: dict[str, A
     On a failure, the models loaded so far are closed."""
     if backend == "vllm":
         return list(start_replicas(name, count, replica_opts))
-    load = _loader(backend)
+    load = _loader(LOADERS, backend)
     started: list[AsyncLM] = []
     try:
         for _ in range(count):

@@ -245,20 +245,6 @@ class AsyncLM(Closeable):
                 raise ValueError(_unknown_adapter(lora_name))
             self._unload_adapter(adapter)
 
-    def set_lora(self, lora_path: str | None = None, lora_name: str = "lora_1") -> None:
-        """Not supported, as in genlm-backend 0.3.1: adapters are chosen per request."""
-        raise RuntimeError(
-            "set_lora() is gone (genlm-backend 0.3.1 removed it too): there is no active adapter to set. "
-            "Register the adapter once with add_new_lora(path, name) and pass lora_name=name to each request."
-        )
-
-    def clear_lora(self) -> None:
-        """Not supported, as in genlm-backend 0.3.1: ``lora_name=None`` is the base model."""
-        raise RuntimeError(
-            "clear_lora() is gone (genlm-backend 0.3.1 removed it too): "
-            "a request without lora_name (lora_name=None) runs on the base model."
-        )
-
     @property
     def loras(self) -> dict[str, str]:
         """The registered adapters: name -> path."""

@@ -174,9 +174,6 @@ class AsyncTransformer(PrefixCachedLM):
         batch_size: most sequences in one batch (genlm-backend's argument; here a
             cap on a round of requests, which is otherwise gathered until no
             more arrive).
-        timeout: accepted for genlm-backend compatibility and kept as
-            ``self.timeout``; it changes nothing, as there is no timer (a round
-            goes as soon as every ready task has asked; see docs/runtime.md).
         kv_cache_bytes: the byte budget of the KV cache (default 1 GiB).
         logprob_cache_size: most results the output cache keeps (0 disables it).
         logprob_cache_bytes: most bytes the output cache keeps (default 256 MiB;
@@ -191,7 +188,6 @@ class AsyncTransformer(PrefixCachedLM):
         hf_model: Any,
         hf_tokenizer: Any,
         batch_size: int = 128,
-        timeout: float = 0.02,
         *,
         kv_cache_bytes: int = 1 << 30,
         logprob_cache_size: int = 256,
@@ -211,7 +207,6 @@ class AsyncTransformer(PrefixCachedLM):
             (config.num_hidden_layers, heads, head_dim),
             next(hf_model.parameters()).dtype,
             self.device,
-            timeout=timeout,
             max_batch_size=batch_size,
             kv_cache_bytes=kv_cache_bytes,
             logprob_cache_size=logprob_cache_size,

@@ -202,8 +202,6 @@ class AsyncMlxLM(PrefixCachedLM):
     Args:
         mlx_lm_model: a model from ``mlx_lm.load`` / ``mlx_lm.utils.load_model``.
         tokenizer: its Hugging Face tokenizer (or mlx-lm's wrapper of it).
-        timeout: accepted for genlm-backend compatibility and kept as
-            ``self.timeout``; there is no timer (see docs/runtime.md).
         prefill_step_size: most new (uncached) tokens one forward pass computes,
             and most padded positions (rows times the longest row): a batch is
             admitted by its requests' uncached tokens up to this many, larger
@@ -211,8 +209,6 @@ class AsyncMlxLM(PrefixCachedLM):
             this is computed in chunks (genlm-backend's argument, whose prefill
             steps it also sizes).
         cache_size: most results the output cache keeps (0 disables it).
-        cache_opts: genlm-backend's output-cache options; ``move_to_cpu`` is
-            accepted and changes nothing (results are in host memory).
         batch_size: most sequences in one batch.
         kv_cache_bytes: the byte budget of the KV cache (default 1 GiB).
         logprob_cache_bytes: most bytes the output cache keeps (default 256 MiB).
@@ -222,10 +218,8 @@ class AsyncMlxLM(PrefixCachedLM):
         self,
         mlx_lm_model: Any,
         tokenizer: Any,
-        timeout: float = 0.0,
         prefill_step_size: int = 2048,
         cache_size: int = 256,
-        cache_opts: dict[str, Any] | None = None,
         *,
         batch_size: int = 128,
         kv_cache_bytes: int = 1 << 30,
@@ -238,9 +232,6 @@ class AsyncMlxLM(PrefixCachedLM):
         positive_int("prefill_step_size", prefill_step_size)
         positive_int("batch_size", batch_size)
         check_int("cache_size", cache_size, minimum=0)
-        unknown = set(cache_opts or {}) - {"move_to_cpu"}
-        if unknown:
-            raise ValueError(f"cache_opts has unknown option(s) {sorted(unknown)}; only move_to_cpu is accepted")
         kinds = {type(c).__name__ for c in make_prompt_cache(mlx_lm_model) if type(c) is not KVCache}
         if kinds:
             raise ValueError(
@@ -262,7 +253,6 @@ class AsyncMlxLM(PrefixCachedLM):
             (len(probe), int(keys.shape[1]), int(keys.shape[3])),
             dtype,
             torch.device("cpu"),
-            timeout=timeout,
             max_batch_size=batch_size,
             kv_cache_bytes=kv_cache_bytes,
             logprob_cache_size=cache_size,

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from ..checks import check_int, check_number, positive_int
+from ..checks import check_int, positive_int
 from ..kv_cache import PrefixKVCache
 from .base import Adapter, AsyncLM, Query, Request, RequestFailed, TokenIds
 from .shared_prefix import common_length
@@ -109,15 +109,12 @@ class PrefixCachedLM(AsyncLM):
         kv_dtype: torch.dtype,
         kv_device: torch.device,
         *,
-        timeout: float,
         max_batch_size: int,
         kv_cache_bytes: int,
         logprob_cache_size: int,
         logprob_cache_bytes: int,
         max_forward_tokens: int,
     ):
-        # genlm-backend's batching timer: kept as ``self.timeout``; there is no timer here.
-        self.timeout = check_number("timeout", timeout, minimum=0)
         check_int("logprob_cache_size", logprob_cache_size, minimum=0)
         check_int("logprob_cache_bytes", logprob_cache_bytes, minimum=0)
         self.max_forward_tokens = positive_int("max_forward_tokens", max_forward_tokens)
@@ -358,8 +355,3 @@ class PrefixCachedLM(AsyncLM):
         """Compute and cache the keys and values of ``prompt_tokens`` (and its
         next-token distribution), under adapter ``lora_name``."""
         self.next_token_logprobs_sync(prompt_tokens, lora_name=lora_name)
-
-    def reset_async_queries(self) -> None:
-        """genlm-backend's "clear any pending queries" after an interrupted inference:
-        nothing to do here, since a cancelled caller's request is already dropped
-        (and one still wanted by another caller runs for that caller)."""

@@ -2,7 +2,10 @@
 
 After :func:`install`, ``import genlm.backend`` (and every module under it that
 genlm-backend 0.3.1 has) gives genlm-anyio's module of the same name, whether or
-not genlm-backend is installed. Three ways to switch:
+not genlm-backend is installed: its names are that module's, except the classes
+that carry genlm-backend's leftovers (``timeout``, ``set_lora``, the trie's
+``shutdown``, ...), which are :mod:`genlm_anyio.compat.legacy`'s thin subclasses,
+and ``load_model_by_name``, which builds them. Three ways to switch:
 
 - in code, before anything imports ``genlm.backend``::
 
@@ -33,7 +36,7 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-__all__ = ["ENV_VAR", "install", "installed", "target_of", "uninstall"]
+__all__ = ["ENV_VAR", "install", "installed", "legacy_of", "target_of", "uninstall"]
 
 ENV_VAR = "GENLM_ANYIO_COMPAT"
 """Set to ``1`` to install the switch in every interpreter of an environment."""
@@ -61,17 +64,72 @@ def target_of(name: str) -> str | None:
     return _RENAMED.get(name) or "genlm_anyio" + name[len(_PREFIX) :]
 
 
+# genlm-anyio's definitions that a ``genlm.backend`` name gives as
+# genlm_anyio.compat.legacy's definition of the same name.
+_LEGACY = frozenset(
+    {
+        "genlm_anyio.backends.base:AsyncLM",
+        "genlm_anyio.backends.hf:AsyncTransformer",
+        "genlm_anyio.backends.mlx:AsyncMlxLM",
+        "genlm_anyio.backends.mock:MockAsyncLM",
+        "genlm_anyio.backends.vllm.model:AsyncVirtualLM",
+        "genlm_anyio.trie.async_trie:AsyncTokenCharacterTrie",
+        "genlm_anyio.loading:load_model_by_name",
+    }
+)
+
+
+def legacy_of(value: object) -> object:
+    """What a ``genlm.backend`` name gives for genlm-anyio's ``value``: its
+    :mod:`genlm_anyio.compat.legacy` counterpart if it has one, else ``value``."""
+    if f"{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}" not in _LEGACY:
+        return value
+    return getattr(importlib.import_module("genlm_anyio.compat.legacy"), value.__name__)  # type: ignore[attr-defined]
+
+
+# A view's own, set by the import system from its spec (or not at all), never the target's.
+_OWN_ATTRIBUTES = frozenset(
+    {"__path__", "__file__", "__cached__", "__spec__", "__loader__", "__package__", "__getattr__", "__dir__"}
+)
+
+
+class _View(ModuleType):
+    """A ``genlm.backend`` module: each name is looked up in the genlm-anyio module
+    it stands for (on first use, so lazy names stay lazy) and passed through
+    :func:`legacy_of`; a submodule is its ``genlm.backend`` view."""
+
+    def __init__(self, name: str, target: ModuleType):
+        super().__init__(name, target.__doc__)
+        self.__target = target
+
+    def __getattr__(self, name: str) -> object:
+        if name in _OWN_ATTRIBUTES:
+            raise AttributeError(name)
+        value = getattr(self.__target, name)
+        if isinstance(value, ModuleType):
+            sub = f"{self.__name__}.{name}"
+            if target_of(sub) == value.__name__:
+                value = importlib.import_module(sub)
+        else:
+            value = legacy_of(value)
+        setattr(self, name, value)
+        return value
+
+    def __dir__(self) -> list[str]:
+        return sorted(set(dir(self.__target)) | set(self.__dict__))
+
+
 class _Alias(importlib.abc.Loader):
-    """Loads a ``genlm.backend`` name as the genlm-anyio module it stands for."""
+    """Loads a ``genlm.backend`` name as a view of the genlm-anyio module it stands for."""
 
     def __init__(self, target: str):
         self.target = target
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        return importlib.import_module(self.target)
+        return _View(spec.name, importlib.import_module(self.target))
 
     def exec_module(self, module: ModuleType) -> None:
-        """The module is genlm-anyio's, already executed."""
+        """The view has nothing to run: its names are the target's."""
 
 
 class _Namespace(importlib.abc.Loader):
@@ -95,10 +153,12 @@ class _Finder(importlib.abc.MetaPathFinder):
         name = target_of(fullname)
         if name is None:
             return None
-        if importlib.util.find_spec(name) is None:
+        found = importlib.util.find_spec(name)
+        if found is None:
             return None  # a genlm-backend module genlm-anyio has no counterpart of
-        spec = importlib.machinery.ModuleSpec(fullname, _Alias(name))
-        return spec
+        return importlib.machinery.ModuleSpec(
+            fullname, _Alias(name), is_package=found.submodule_search_locations is not None
+        )
 
 
 _finder = _Finder()

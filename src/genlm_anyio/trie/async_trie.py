@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from typing import Any
 
-import anyio
 import numpy as np
 
 from ..arrays import float_array
@@ -36,8 +35,6 @@ class AsyncTokenCharacterTrie(Closeable):
 
     Its lifetime is the models' (:class:`~genlm_anyio.lifetime.Closeable`):
     ``close()`` / ``await aclose()`` or a ``with`` / ``async with`` block end it.
-    genlm-backend's :meth:`shutdown` / :meth:`cleanup` only stop the worker: a
-    later request starts a new one.
     """
 
     def __init__(self, trie: TokenCharacterTrie, max_batch_size: int = 256):
@@ -67,11 +64,6 @@ class AsyncTokenCharacterTrie(Closeable):
         if self._batcher is None:
             self._batcher = Batcher(self._compute, max_batch_size=self._max_batch_size, name="genlm-anyio-trie")
             self._stats = self._batcher.stats
-
-    @property
-    def _task(self) -> Batcher[_Request, np.ndarray | Exception] | None:
-        """The running worker's batcher, or None (genlm-backend's tests look at ``_task``)."""
-        return self._batcher
 
     def _compute(self, batch: list[_Request]) -> list[np.ndarray | Exception]:
         """Results in order; a request the trie refuses gets its exception as its result."""
@@ -125,14 +117,6 @@ class AsyncTokenCharacterTrie(Closeable):
     def batch_stats(self) -> BatchStats | None:
         """The latest worker's batching counters (None before the first request)."""
         return self._stats
-
-    def shutdown(self) -> None:
-        """Stop the worker; requests still pending fail. A later request starts a new one."""
-        self._stop_worker(None)
-
-    async def cleanup(self) -> None:
-        """:meth:`shutdown`, without blocking the event loop."""
-        await anyio.to_thread.run_sync(self.shutdown)
 
     def _stop_worker(self, timeout: float | None) -> None:
         batcher, self._batcher = self._batcher, None
