@@ -19,7 +19,7 @@ import anyio
 import pytest
 import torch
 import trio
-from conftest import ask_after_cancelled_callers, good_beside_bad
+from helpers import ask_after_cancelled_callers, good_beside_bad
 from references import TOL, assert_close_to
 
 from genlm_anyio import ClosedError

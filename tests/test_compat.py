@@ -18,11 +18,12 @@ import textwrap
 
 import pytest
 import torch
-from conftest import assets, load_tokenizer
+from helpers import load_tokenizer
 
 from genlm_anyio import Token, compat, decode_vocab
 from genlm_anyio.cache import OutputCache
 from genlm_anyio.tokenization.bytes import ByteDecoderError, ByteVocabError, check_byte_decoder, get_byte_vocab
+from tools import assets
 
 REFERENCE = "genlm-backend==0.3.1"
 

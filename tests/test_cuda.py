@@ -14,7 +14,7 @@ import anyio
 import numpy as np
 import pytest
 import torch
-from conftest import ask_concurrently
+from helpers import ask_concurrently
 from references import transformers_logprobs
 
 from genlm_anyio import AsyncTransformer, TokenCharacterTrie

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import assets
+
+from tools import assets
 
 ROOT = Path(__file__).resolve().parent.parent
 HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"

@@ -17,7 +17,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import assets
+
+from tools import assets
 
 # Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow

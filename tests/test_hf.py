@@ -9,12 +9,12 @@ import functools
 
 import pytest
 import torch
-from conftest import assets
 from prefix_engines import PrefixEngineContract, assert_matches_reference
 from references import assert_close_to, transformers_logprobs
 
 from genlm_anyio import AsyncTransformer, MockAsyncLM, load_model_by_name
 from genlm_anyio.compat import legacy
+from tools import assets
 
 # Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow

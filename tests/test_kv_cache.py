@@ -8,13 +8,14 @@ import random
 import anyio
 import pytest
 import torch
-from conftest import ask_concurrently, assets
+from helpers import ask_concurrently
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from references import assert_close_to, transformers_logprobs
 
 from genlm_anyio import kv_cache
 from genlm_anyio.kv_cache import PrefixKVCache
+from tools import assets
 
 SHAPE = (1, 1, 2)  # layers, heads, head_dim
 PER_TOKEN = 2 * 1 * 1 * 2 * 4  # keys and values, float32

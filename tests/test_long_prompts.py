@@ -20,10 +20,11 @@ import random
 import anyio
 import pytest
 import torch
-from conftest import ask_concurrently, assets
+from helpers import ask_concurrently
 from prefix_engines import TOL
 
 from genlm_anyio import AsyncMlxLM, AsyncTransformer
+from tools import assets
 
 # Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow

@@ -8,12 +8,12 @@ import anyio
 import pytest
 import torch
 import trio
-from conftest import assets
 from references import TOL, max_error
 
 from genlm_anyio import AsyncTransformer
 from genlm_anyio.backends.base import Query, RequestFailed
 from genlm_anyio.compat import legacy
+from tools import assets
 
 # Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow

@@ -13,12 +13,12 @@ import sys
 import anyio
 import pytest
 import torch
-from conftest import assets
 from prefix_engines import TEXTS, PrefixEngineContract, assert_matches_reference, prompt, put
 from references import transformers_logprobs
 
 from genlm_anyio import AsyncMlxLM, load_model_by_name
 from genlm_anyio.compat import legacy
+from tools import assets
 
 pytest.importorskip("mlx.core", reason="mlx is not installed (pip install 'genlm-anyio[mlx]')")
 pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install 'genlm-anyio[mlx]')")

@@ -14,10 +14,11 @@ import weakref
 import anyio
 import pytest
 import torch
-from conftest import ask_all_at_once, assets
+from helpers import ask_all_at_once
 from references import TOL, max_error, transformers_logprobs
 
 from genlm_anyio import AsyncTransformer, ClosedError
+from tools import assets
 
 # Loads SmolLM2's weights: not in the fast tier (pytest -m 'not slow').
 pytestmark = pytest.mark.slow

@@ -7,11 +7,12 @@ from __future__ import annotations
 import anyio
 import pytest
 import torch
-from conftest import answers_or_errors, assets, load_tokenizer
+from helpers import answers_or_errors, load_tokenizer
 from references import assert_close_to, transformers_logprobs
 
 from genlm_anyio import AsyncTransformer, ClosedError, MockAsyncLM
 from genlm_anyio.backends.replicas import ReplicatedLM
+from tools import assets
 
 pytestmark = pytest.mark.slow
 

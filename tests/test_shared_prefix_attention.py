@@ -11,11 +11,11 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import assets
 from references import TOL
 
 from genlm_anyio import AsyncTransformer
 from genlm_anyio.backends import shared_prefix
+from tools import assets
 
 
 # -- the planner ------------------------------------------------------------------------

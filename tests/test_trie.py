@@ -8,7 +8,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from conftest import load_tokenizer
+from helpers import load_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 

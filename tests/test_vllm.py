@@ -19,7 +19,9 @@ import anyio
 import pytest
 import torch
 import trio
-from conftest import Outcomes, ask_after_cancelled_callers, ask_all_at_once, ask_concurrently, assets, good_beside_bad
+from helpers import Outcomes, ask_after_cancelled_callers, ask_all_at_once, ask_concurrently, good_beside_bad
+
+from tools import assets
 
 if sys.version_info >= (3, 11):
     from builtins import ExceptionGroup

@@ -13,7 +13,8 @@ import subprocess
 import zipfile
 
 import pytest
-from conftest import assets
+
+from tools import assets
 
 pytest.importorskip("vllm")
 

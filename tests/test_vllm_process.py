@@ -15,9 +15,10 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import VLLM_EAGER_OPTS, Outcomes, assets
+from helpers import VLLM_EAGER_OPTS, Outcomes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
+from tools import assets
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

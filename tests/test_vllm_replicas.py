@@ -14,11 +14,12 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import VLLM_EAGER_OPTS, answers_or_errors, assets, child_processes
+from helpers import VLLM_EAGER_OPTS, answers_or_errors, child_processes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.replicas import ReplicatedLM
 from genlm_anyio.backends.vllm.options import split_cores
+from tools import assets
 
 pytest.importorskip("vllm")
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]

@@ -19,10 +19,11 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from conftest import VLLM_EAGER_OPTS, ask_after_cancelled_callers, assets, child_processes
+from helpers import VLLM_EAGER_OPTS, ask_after_cancelled_callers, child_processes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.vllm.options import cpu_thread_binding, split_cores
+from tools import assets
 
 BIND = "VLLM_CPU_OMP_THREADS_BIND"
 TEXTS = ("Montreal is a city in", "The quick brown fox jumps over the lazy", "1 2 3")

@@ -9,13 +9,14 @@ import pickle
 import unicodedata
 
 import pytest
-from conftest import DUMMY_PREFIX, assets, load_tokenizer, vocab_cases
+from helpers import DUMMY_PREFIX, load_tokenizer, vocab_cases
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from references import tokenizer_bytes
 
 from genlm_anyio import Token, decode_vocab
 from genlm_anyio.vocab import byte_vocab_from_gguf, byte_vocab_from_tokenizer_json
+from tools import assets
 
 HF_LOADABLE = assets.HF_LOADABLE
 WITH_REFERENCE = (
