@@ -156,9 +156,12 @@ class _Finder(importlib.abc.MetaPathFinder):
         found = importlib.util.find_spec(name)
         if found is None:
             return None  # a genlm-backend module genlm-anyio has no counterpart of
-        return importlib.machinery.ModuleSpec(
-            fullname, _Alias(name), is_package=found.submodule_search_locations is not None
+        # The view's __file__ is its target's, so tracebacks and tools see which module serves it.
+        spec = importlib.machinery.ModuleSpec(
+            fullname, _Alias(name), origin=found.origin, is_package=found.submodule_search_locations is not None
         )
+        spec.has_location = found.has_location
+        return spec
 
 
 _finder = _Finder()
