@@ -182,6 +182,10 @@ def test_genlm_anyios_own_classes_carry_none_of_genlm_backends_leftovers():
     import importlib
     import inspect
 
+    from genlm_anyio.compat import legacy
+
+    # The switch's list (kept as strings, so that installing imports no torch) names every legacy class.
+    assert {key.partition(":")[2] for key in compat._LEGACY} == set(legacy.__all__)
     for key in sorted(compat._LEGACY):
         module, _, name = key.partition(":")
         ours = getattr(importlib.import_module(module), name)

@@ -82,9 +82,10 @@ _LEGACY = frozenset(
 def legacy_of(value: object) -> object:
     """What a ``genlm.backend`` name gives for genlm-anyio's ``value``: its
     :mod:`genlm_anyio.compat.legacy` counterpart if it has one, else ``value``."""
-    if f"{getattr(value, '__module__', '')}:{getattr(value, '__qualname__', '')}" not in _LEGACY:
+    qualname = getattr(value, "__qualname__", "")
+    if f"{getattr(value, '__module__', '')}:{qualname}" not in _LEGACY:
         return value
-    return getattr(importlib.import_module("genlm_anyio.compat.legacy"), value.__name__)  # type: ignore[attr-defined]
+    return getattr(importlib.import_module("genlm_anyio.compat.legacy"), qualname)
 
 
 # A view's own, set by the import system from its spec (or not at all), never the target's.
