@@ -35,6 +35,7 @@ pytest.importorskip("vllm")
 from genlm_anyio import AsyncTransformer, AsyncVirtualLM, ClosedError, load_model_by_name
 from genlm_anyio.backends.base import Query
 from genlm_anyio.backends.vllm.engine import VLLMEngine
+from genlm_anyio.backends.vllm.sessions import MAX_PASSED_OVER
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -234,16 +235,45 @@ def test_extending_n_sequences_by_one_token_computes_n_tokens(vllm_lm, hf_lm):
         for ids, lp in zip(seqs, got):
             assert_agrees(lp, hf_lm.next_token_logprobs_uncached(ids))
     # Two requests extend one sequence (a resampled particle): one resumes its
-    # session, the other is a new request; the sessions nobody extended end.
+    # session, the other is a new request. The sessions nobody extended wait.
     before = replace(stats)
     forks = [seqs[0] + [20], seqs[0] + [21]]
     got = vllm_lm.batch_next_token_logprobs_sync(forks)
     assert stats.sessions_resumed - before.sessions_resumed == 1 and stats.requests - before.requests == 1
     for ids, lp in zip(forks, got):
         assert_agrees(lp, hf_lm.next_token_logprobs_uncached(ids))
-    assert len(scheduler.requests) == len(vllm_lm.engine._sessions) == 2
+    assert len(scheduler.requests) == len(vllm_lm.engine._sessions) == 2 + 3
+    # They end once MAX_PASSED_OVER batches in a row have passed them over.
+    for n in range(2, MAX_PASSED_OVER + 1):
+        forks = [f + [30] for f in forks]
+        vllm_lm.batch_next_token_logprobs_sync(forks)
+        assert len(scheduler.requests) == len(vllm_lm.engine._sessions) == 2 + 3 * (n < MAX_PASSED_OVER)
+    before = replace(stats)
+    vllm_lm.batch_next_token_logprobs_sync([seqs[1] + [40]])
+    assert stats.sessions_resumed == before.sessions_resumed and stats.requests == before.requests + 1
     vllm_lm.clear_cache()
     assert not scheduler.requests and not vllm_lm.engine._sessions
+
+
+def test_particles_in_batches_of_their_own_resume_their_sessions(vllm_lm, hf_lm):
+    """Particles at their own pace: two groups that alternate batches. After each
+    particle's first request, every request resumes its session, one token each."""
+    vllm_lm.clear_cache()
+    stats = vllm_lm.engine.stats
+    groups = [[prompt(vllm_lm, "Own pace") + [t] for t in (g, g + 1)] for g in (500, 600)]
+    for group in groups:
+        vllm_lm.batch_next_token_logprobs_sync(group)
+    before = replace(stats)
+    for step in range(3):
+        for g, group in enumerate(groups):
+            groups[g] = [s + [700 + step] for s in group]
+            got = vllm_lm.batch_next_token_logprobs_sync(groups[g])
+            for ids, lp in zip(groups[g], got):
+                assert_agrees(lp, hf_lm.next_token_logprobs_uncached(ids))
+    assert stats.sessions_resumed - before.sessions_resumed == 3 * 4
+    assert stats.requests == before.requests
+    assert stats.tokens_computed - before.tokens_computed == 3 * 4
+    vllm_lm.clear_cache()
 
 
 def test_duplicates_are_computed_once(vllm_lm):

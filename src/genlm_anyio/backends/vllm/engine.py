@@ -4,10 +4,12 @@ A request goes in as an ``EngineCoreRequest`` (built by the engine's own input
 processor) and its output comes back as an ``EngineCoreOutput``; the front
 end's output processor, which turns log-probabilities into one Python
 ``Logprob`` object per token, is never involved. A batch runs in phases
-(:meth:`VLLMEngine._run`): each engine round adds its requests (opening or
-resuming sessions, see ``sessions``), then collects their outputs; once the
-batch is done, sampled runs are trimmed and the log-probability requests stay
-as idle sessions for the next batch.
+(:meth:`VLLMEngine._run`): the batch first claims the idle sessions its
+log-probability requests extend and ends the idle sessions waited for too long
+(see ``sessions``); each engine round then adds its requests (resuming a
+claimed session or starting a new request) and collects their outputs; once
+the batch is done, sampled runs are trimmed and the log-probability requests
+stay as idle sessions for later batches.
 """
 
 from __future__ import annotations
@@ -59,7 +61,9 @@ class _Batch:
 
     requests: Sequence[Request]
     idle: dict[Query, str]
-    """Idle sessions of the previous batch that this batch has not resumed (yet)."""
+    """Idle sessions that this batch does not resume and keeps waiting."""
+    claims: dict[int, tuple[str, tuple[int, ...]]] = field(default_factory=dict)
+    """Index in ``requests`` -> the idle session it resumes and the tokens it adds."""
     results: list[Any] = field(init=False)
     where: dict[str, int] = field(default_factory=dict)
     """Engine request id -> index in ``requests``."""
@@ -311,22 +315,24 @@ class VLLMEngine:
     def _run(self, requests: Sequence[Request]) -> list[Any]:
         batch = _Batch(requests, self._sessions.take_idle())
         try:
+            for i, request in enumerate(requests):
+                claim = Sessions.claim(request, batch.idle) if isinstance(request, Query) else None
+                if claim is not None:
+                    batch.claims[i] = claim
+            self._retire(self._sessions.passed_over(batch.idle, room=self.max_requests - len(requests)))
             rounds = self.loras.rounds([r.adapter for r in requests])
             if len(rounds) > 1:
                 self.stats.split_rounds += 1
-            for n, round_ in enumerate(rounds):
+            for round_ in rounds:
                 self._start_round(batch, round_)
-                if n == len(rounds) - 1:
-                    # Sessions this batch did not continue will not be continued later
-                    # either (in SIS every particle moves each step): free their blocks.
-                    self._retire(list(batch.idle.values()))
-                    batch.idle.clear()
                 self._collect(batch)
         except BaseException:
             # Leave the engine with nothing of this batch in flight or idle.
             self._retire(
-                list(batch.idle.values())
-                + [rid for rid in batch.where if rid not in batch.sampled or rid in batch.waiting]
+                list(
+                    {*batch.idle.values(), *(rid for rid, _ in batch.claims.values())}
+                    | {rid for rid in batch.where if rid not in batch.sampled or rid in batch.waiting}
+                )
             )
             raise
         finally:
@@ -340,13 +346,10 @@ class VLLMEngine:
         log-probability request extends, or start a new engine request."""
         for i in round_:
             request = batch.requests[i]
-            if isinstance(request, SampleRequest):
-                if request.max_tokens == 0:
-                    batch.results[i] = []
-                    continue
-                claim = None
-            else:
-                claim = Sessions.claim(request, batch.idle)
+            if isinstance(request, SampleRequest) and request.max_tokens == 0:
+                batch.results[i] = []
+                continue
+            claim = batch.claims.get(i)
             rid = claim[0] if claim else self._add(request)
             # Recorded before a resume, so that a failure while resuming retires it.
             batch.where[rid] = i
@@ -382,7 +385,8 @@ class VLLMEngine:
 
     def _finish(self, batch: _Batch) -> None:
         """Trim the sampled runs (their eos) and keep the log-probability requests
-        as idle sessions; a request vLLM failed holds nothing."""
+        as idle sessions, next to those the batch passed over; a request vLLM
+        failed holds nothing."""
         for rid, i in batch.where.items():
             request = batch.requests[i]
             if isinstance(batch.results[i], RequestFailed):
@@ -393,7 +397,8 @@ class VLLMEngine:
                     tokens.pop()
                 batch.results[i] = tokens
             else:
-                self._sessions.idle[request] = rid
+                self._sessions.rest(request, rid)
+        self._retire(self._sessions.keep(batch.idle))
 
     def close_sessions(self) -> None:
         """End every idle session (``reset_prefix_cache`` does this first)."""
