@@ -27,7 +27,10 @@ pytest.importorskip("mlx_lm", reason="mlx-lm is not installed (pip install 'genl
 pytestmark = pytest.mark.slow
 
 PROB_TOL = 1e-3  # MLX against transformers, in probability
-MLX_TOL = 5e-4  # MLX against transformers, in log-probability: measured up to 1.4e-4 (other kernels)
+# MLX against transformers, in log-probability. Both run float32 with their own
+# kernels: on the ids [1, 2, 3] each is 3.3e-4 to 3.7e-4 from a float64 forward
+# pass, in opposite directions, so 7.1e-4 from each other (most rows: under 2e-4).
+MLX_TOL = 1.5e-3
 
 
 @pytest.fixture(scope="module")
