@@ -4,7 +4,9 @@ tests use. (Fixtures are in conftest.py.)"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 from typing import Any
 
 import anyio
@@ -17,6 +19,21 @@ from tools import assets
 # torch.compile costs about 100 s per engine start on a 2-core CPU, eager about 12 s.
 # tests/test_vllm.py's engine keeps vLLM's defaults (compiled), as users run it.
 VLLM_EAGER_OPTS = {"dtype": "float32", "block_size": 32, "seed": 0, "enforce_eager": True}
+
+
+def vllm_start_warns(engine_opts: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
+    """What starting a vLLM engine with ``engine_opts`` on this CPU warns: on the ATen
+    kernel paths where torch's inductor fails (``ATEN_CPU_CAPABILITY=default``, or
+    ``avx2`` with tensor parallelism; docs/vllm.md), that it runs without torch.compile."""
+    import pytest
+
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    parallel = engine_opts.get("tensor_parallel_size", 1) > 1
+    compiled = not engine_opts.get("enforce_eager", False)
+    if (capability == "default" and (compiled or parallel)) or (capability == "avx2" and parallel):
+        return pytest.warns(RuntimeWarning, match="without torch.compile")
+    return contextlib.nullcontext()
+
 
 # Families whose tokenizer adds a SentencePiece dummy-prefix space at the start of a text.
 DUMMY_PREFIX = {"llama-spm", "phi-3", "gemma-4"}

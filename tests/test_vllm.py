@@ -19,7 +19,14 @@ import anyio
 import pytest
 import torch
 import trio
-from helpers import Outcomes, ask_after_cancelled_callers, ask_all_at_once, ask_concurrently, good_beside_bad
+from helpers import (
+    Outcomes,
+    ask_after_cancelled_callers,
+    ask_all_at_once,
+    ask_concurrently,
+    good_beside_bad,
+    vllm_start_warns,
+)
 
 from tools import assets
 
@@ -45,21 +52,17 @@ AGREE = 1e-3
 
 @pytest.fixture(scope="module")
 def vllm_lm():
-    lm = load_model_by_name(
-        str(assets.smollm2_dir()),
-        backend="vllm",
-        llm_opts={
-            "engine_opts": {
-                "dtype": "float32",
-                "block_size": 32,
-                "seed": 0,
-                # As genlm-backend's own LoRA tests start theirs: adapters are the user's choice.
-                "enable_lora": True,
-                "max_lora_rank": 8,
-                "max_loras": 2,
-            }
-        },
-    )
+    engine_opts = {
+        "dtype": "float32",
+        "block_size": 32,
+        "seed": 0,
+        # As genlm-backend's own LoRA tests start theirs: adapters are the user's choice.
+        "enable_lora": True,
+        "max_lora_rank": 8,
+        "max_loras": 2,
+    }
+    with vllm_start_warns(engine_opts):
+        lm = load_model_by_name(str(assets.smollm2_dir()), backend="vllm", llm_opts={"engine_opts": engine_opts})
     yield lm
     lm.close()
 

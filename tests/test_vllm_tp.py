@@ -20,10 +20,11 @@ import anyio
 import psutil  # a dependency of vLLM's
 import pytest
 import torch
-from helpers import VLLM_EAGER_OPTS, ask_after_cancelled_callers, child_processes
+from helpers import VLLM_EAGER_OPTS, ask_after_cancelled_callers, child_processes, vllm_start_warns
+from vllm import EngineArgs
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
-from genlm_anyio.backends.vllm.options import cpu_thread_binding, split_cores
+from genlm_anyio.backends.vllm.options import _cpu_environment, cpu_thread_binding, split_cores
 from tools import assets
 
 BIND = "VLLM_CPU_OMP_THREADS_BIND"
@@ -42,17 +43,41 @@ def test_cpu_thread_binding_splits_the_cores_into_contiguous_ranges():
         cpu_thread_binding(1, [])
 
 
+@pytest.mark.parametrize(
+    ("capability", "tp", "eager", "warns"),
+    [
+        (None, 1, False, False),
+        (None, 2, False, False),
+        ("avx2", 1, False, False),
+        ("avx2", 2, True, True),
+        ("default", 1, False, True),
+        ("default", 1, True, False),
+        ("default", 2, True, True),
+    ],
+)
+def test_engines_run_without_torch_compile_where_inductor_fails_on_the_kernel_path(
+    capability: str | None, tp: int, eager: bool, warns: bool, monkeypatch: pytest.MonkeyPatch
+):
+    if capability is None:
+        monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    else:
+        monkeypatch.setenv("ATEN_CPU_CAPABILITY", capability)
+    monkeypatch.setenv(BIND, "0")  # the user's binding: only the compile decision is left
+    args = EngineArgs(model="unused", tensor_parallel_size=tp, enforce_eager=eager)
+    with pytest.warns(RuntimeWarning, match="without torch.compile") if warns else contextlib.nullcontext():
+        env = _cpu_environment(args, None)
+    off = capability == "default" or (capability == "avx2" and tp > 1)
+    assert args.enforce_eager is (eager or off)
+    assert env == ({"TORCHDYNAMO_DISABLE": "1"} if off else {})
+
+
 def _start(tp: int, monkeypatch: pytest.MonkeyPatch) -> AsyncVirtualLM:
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     monkeypatch.delenv(BIND, raising=False)  # the user sets no binding
-    # Where inductor's AVX2 code breaks tensor parallelism, the engine starts without torch.compile.
-    no_compile = tp > 1 and os.environ.get("ATEN_CPU_CAPABILITY") == "avx2"
-    with pytest.warns(RuntimeWarning, match="without torch.compile") if no_compile else contextlib.nullcontext():
-        return AsyncVirtualLM.from_name(
-            str(assets.tiny_llama_dir()),
-            engine_opts={"tensor_parallel_size": tp, **VLLM_EAGER_OPTS},
-        )
+    engine_opts = {"tensor_parallel_size": tp, **VLLM_EAGER_OPTS}
+    with vllm_start_warns(engine_opts):
+        return AsyncVirtualLM.from_name(str(assets.tiny_llama_dir()), engine_opts=engine_opts)
 
 
 def _sequences(lm: AsyncVirtualLM) -> list[list[int]]:

