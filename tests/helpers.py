@@ -7,6 +7,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -21,18 +23,21 @@ from tools import assets
 VLLM_EAGER_OPTS = {"dtype": "float32", "block_size": 32, "seed": 0, "enforce_eager": True}
 
 
-def vllm_start_warns(engine_opts: dict[str, Any]) -> contextlib.AbstractContextManager[Any]:
-    """What starting a vLLM engine with ``engine_opts`` on this CPU warns: on the ATen
-    kernel paths where torch's inductor fails (``ATEN_CPU_CAPABILITY=default``, or
-    ``avx2`` with tensor parallelism; docs/vllm.md), that it runs without torch.compile."""
-    import pytest
-
+@contextlib.contextmanager
+def vllm_start_warns(engine_opts: dict[str, Any]) -> Iterator[None]:
+    """Check what starting a vLLM engine with ``engine_opts`` on this CPU warns: on
+    the ATen kernel paths where torch's inductor fails (``ATEN_CPU_CAPABILITY=default``,
+    or ``avx2`` with tensor parallelism; docs/vllm.md), that it runs without
+    torch.compile; elsewhere, not that. Other warnings meet the usual filters."""
     capability = os.environ.get("ATEN_CPU_CAPABILITY")
     parallel = engine_opts.get("tensor_parallel_size", 1) > 1
     compiled = not engine_opts.get("enforce_eager", False)
-    if (capability == "default" and (compiled or parallel)) or (capability == "avx2" and parallel):
-        return pytest.warns(RuntimeWarning, match="without torch.compile")
-    return contextlib.nullcontext()
+    expected = (capability == "default" and (compiled or parallel)) or (capability == "avx2" and parallel)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message=".*without torch.compile", category=RuntimeWarning)
+        yield
+    said = any(issubclass(w.category, RuntimeWarning) and "without torch.compile" in str(w.message) for w in caught)
+    assert said == expected, f"ATEN_CPU_CAPABILITY={capability}, {engine_opts}: warned {said}, expected {expected}"
 
 
 # Families whose tokenizer adds a SentencePiece dummy-prefix space at the start of a text.
