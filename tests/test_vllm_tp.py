@@ -44,19 +44,19 @@ def test_cpu_thread_binding_splits_the_cores_into_contiguous_ranges():
 
 
 @pytest.mark.parametrize(
-    ("capability", "tp", "eager", "warns"),
+    ("capability", "tp", "eager", "off", "warns"),
     [
-        (None, 1, False, False),
-        (None, 2, False, False),
-        ("avx2", 1, False, False),
-        ("avx2", 2, True, True),
-        ("default", 1, False, True),
-        ("default", 1, True, False),
-        ("default", 2, True, True),
+        (None, 1, False, False, False),
+        (None, 2, False, False, False),
+        ("avx2", 1, False, False, False),
+        ("avx2", 2, True, True, True),
+        ("default", 1, False, True, True),
+        ("default", 1, True, True, False),
+        ("default", 2, True, True, True),
     ],
 )
 def test_engines_run_without_torch_compile_where_inductor_fails_on_the_kernel_path(
-    capability: str | None, tp: int, eager: bool, warns: bool, monkeypatch: pytest.MonkeyPatch
+    capability: str | None, tp: int, eager: bool, off: bool, warns: bool, monkeypatch: pytest.MonkeyPatch
 ):
     if capability is None:
         monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
@@ -66,7 +66,6 @@ def test_engines_run_without_torch_compile_where_inductor_fails_on_the_kernel_pa
     args = EngineArgs(model="unused", tensor_parallel_size=tp, enforce_eager=eager)
     with pytest.warns(RuntimeWarning, match="without torch.compile") if warns else contextlib.nullcontext():
         env = _cpu_environment(args, None)
-    off = capability == "default" or (capability == "avx2" and tp > 1)
     assert args.enforce_eager is (eager or off)
     assert env == ({"TORCHDYNAMO_DISABLE": "1"} if off else {})
 
