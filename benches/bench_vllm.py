@@ -9,8 +9,11 @@ Each engine configuration runs in turn:
 - ``in-process``: the engine core in this process; rows from genlm-anyio's logits
   processor (V1 model runner on CPU, V2 on a GPU with Triton), nothing sorted,
   nothing crossing a process;
-- ``multiprocess``: the engine core in a process of its own; rows through vLLM's
-  ``logprobs=-1`` (a sort of the vocabulary, then ids and values over its socket).
+- ``multiprocess``: the engine core in a process of its own; rows through
+  genlm-anyio's worker extension (one ``collective_rpc`` per step, float32 values
+  in id order), and on the same engine through vLLM's ``logprobs=-1`` (a sort of
+  the vocabulary, then ids and values over its socket), the path an engine
+  without genlm-anyio's extension takes.
 
 SIS and ``LLM.generate`` alternate, best (and median) of ``--repeat`` (at least
 3) after one warm-up each. Also prints the bytes that cross a process per row and
@@ -60,13 +63,14 @@ def model_folder(model: str, tokenizer: str | None, dtype: str) -> str:
 
 
 def bytes_per_row(vocab_size: int) -> dict[str, int]:
-    """Bytes one log-probability row adds to an engine output over vLLM's socket,
-    by vLLM's own encoder: through ``logprobs=-1`` (V + 1 ids and values), and as
-    V float32 values in id order (what a worker-side row without ids would send)."""
+    """Bytes one log-probability row adds to what crosses vLLM's socket, by vLLM's
+    own encoder: in an engine output through ``logprobs=-1`` (V + 1 ids and
+    values), and in the utility output that answers genlm-anyio's worker
+    extension (V float32 values in id order)."""
     import numpy as np
-    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs
+    from vllm.v1.engine import EngineCoreOutput, EngineCoreOutputs, UtilityOutput
     from vllm.v1.outputs import LogprobsLists
-    from vllm.v1.serial_utils import MsgpackEncoder
+    from vllm.v1.serial_utils import MsgpackEncoder, UtilityResult
 
     encoder = MsgpackEncoder()
 
@@ -78,9 +82,13 @@ def bytes_per_row(vocab_size: int) -> dict[str, int]:
 
     n = vocab_size + 1
     ranked = LogprobsLists(np.zeros((1, n), np.int32), np.zeros((1, n), np.float32), np.zeros(1, np.int32))
+
+    def rows(data: bytes) -> Any:  # one worker's answer, as RowsExtension gives it
+        return EngineCoreOutputs(utility_output=UtilityOutput(0, result=UtilityResult([data])))
+
     return {
         "logprobs=-1": size(output(ranked)) - size(output()),
-        "id order, float32": size(np.zeros((1, vocab_size), np.float32)),
+        "worker rows": size(rows(bytes(4 * vocab_size))) - size(rows(b"")),
     }
 
 
@@ -91,14 +99,16 @@ def check(llm: Any) -> dict[str, Any]:
     tokens of p > 1e-6."""
     from genlm_anyio.backends.base import Query
     from genlm_anyio.backends.vllm.engine import VLLMEngine
+    from genlm_anyio.backends.vllm.rows import CapturedRows, RankedRows
 
     engine = llm.engine
-    capture = type(engine._capture).__name__ if engine._capture is not None else None
+    source = type(engine.rows).__name__
+    capture = type(engine.rows.capture).__name__ if isinstance(engine.rows, CapturedRows) else None
     core = type(engine._core).__name__
-    assert capture is not None, "no capturing logits processor found: rows would take logprobs=-1"
+    assert capture is not None, f"no capturing logits processor found: rows come from {source}"
     assert core == "InprocClient", f"the engine core is a {core}: rows would cross a process"
     ranked = VLLMEngine(engine._engine)
-    ranked._capture = None  # the logprobs=-1 path, on the same engine
+    ranked.rows = RankedRows(engine.vocab_size)  # the logprobs=-1 path, on the same engine
     p = llm.tokenizer.encode("Montreal is a city in")
     queries = [Query(tuple(p + extra)) for extra in ([], [28], [28, 9], [42])]
     head, everywhere = 0.0, 0.0
@@ -118,12 +128,36 @@ def check(llm: Any) -> dict[str, Any]:
     return {"capture": capture, "engine_core": core, "max_abs_diff_p_above_1e-6": head, "max_abs_diff": everywhere}
 
 
+def paths(llm: Any) -> dict[str, Any]:
+    """The row sources to run SIS with on ``llm``'s engine: its own, and where its
+    workers run elsewhere, ``logprobs=-1`` too (what an engine without genlm-anyio's
+    worker extension takes)."""
+    from genlm_anyio.backends.vllm.rows import RankedRows, WorkerRows
+
+    own = llm.engine.rows
+    if isinstance(own, WorkerRows):
+        return {"worker rows": own, "logprobs=-1": RankedRows(llm.vocab_size)}
+    return {type(own).__name__: own}
+
+
 def contenders(llm: Any, native: VLLMGenerate, n: int, steps: int) -> dict[str, Any]:
-    """SIS through ``llm`` and ``LLM.generate`` in ``native``'s process, at ``n`` x ``steps``, after the same prompt."""
+    """SIS through ``llm`` (once per row source of :func:`paths`) and
+    ``LLM.generate`` in ``native``'s process, at ``n`` x ``steps``, after the same prompt."""
     prompt = llm.tokenizer.encode("Montreal is")
     eos = llm.tokenizer.eos_token_id
+
+    def sis(source: Any) -> Any:
+        def go() -> float:
+            saved, llm.engine.rows = llm.engine.rows, source
+            try:
+                return timed(llm, prompt, n, steps, eos)  # which starts with no session open
+            finally:
+                llm.engine.rows = saved
+
+        return go
+
     return {
-        "sis": lambda: timed(llm, prompt, n, steps, eos),
+        **{f"sis, {path}": sis(source) for path, source in paths(llm).items()},
         "generate": lambda: native.generate(prompt, n, steps),
     }
 
@@ -165,27 +199,35 @@ def main() -> None:
             try:
                 if args.check and name == "in-process":
                     print(f"  checks: {check(llm)}", flush=True)
-                sizes_bytes = bytes_per_row(llm.vocab_size)
-                row_bytes = 0 if llm.engine._capture is not None else sizes_bytes["logprobs=-1"]
-                print(f"  {name}: {row_bytes} bytes per row cross a process ({sizes_bytes} by path)", flush=True)
+                by_path = bytes_per_row(llm.vocab_size)
+                crossing = {
+                    "CapturedRows": 0,
+                    "worker rows": by_path["worker rows"],
+                    "logprobs=-1": by_path["logprobs=-1"],
+                }
+                print(f"  {name}: bytes per row by path {by_path}", flush=True)
                 for n, steps in sizes:
                     samples = alternate(contenders(llm, native, n, steps), repeats=args.repeat)
-                    sis = report.measure(f"{name}/{n}x{steps}/sis", samples["sis"])
                     gen = report.measure(f"{name}/{n}x{steps}/generate", samples["generate"])
-                    table.add(
-                        name,
-                        f"{n} x {steps}",
-                        fmt(sis.best),
-                        fmt(sis.median),
-                        fmt(gen.best),
-                        ratio(sis.best, gen.best),
-                        row_bytes,
-                    )
-                    print(
-                        f"    {name} N={n} x {steps}: SIS {sis.best:.2f} s, LLM.generate {gen.best:.2f} s: "
-                        f"SIS / generate = {sis.best / gen.best:.2f}x; per step {row_bytes * n / 1e6:.1f} MB cross",
-                        flush=True,
-                    )
+                    for path in paths(llm):
+                        key = "sis" if path in ("CapturedRows", "worker rows") else f"sis {path}"
+                        sis = report.measure(f"{name}/{n}x{steps}/{key}", samples[f"sis, {path}"])
+                        row_bytes = crossing[path]
+                        label = name if path == "CapturedRows" else f"{name}, {path}"
+                        table.add(
+                            label,
+                            f"{n} x {steps}",
+                            fmt(sis.best),
+                            fmt(sis.median),
+                            fmt(gen.best),
+                            ratio(sis.best, gen.best),
+                            row_bytes,
+                        )
+                        print(
+                            f"    {label} N={n} x {steps}: SIS {sis.best:.2f} s, LLM.generate {gen.best:.2f} s: "
+                            f"SIS / generate = {sis.best / gen.best:.2f}x; per step {row_bytes * n / 1e6:.1f} MB cross",
+                            flush=True,
+                        )
             finally:
                 llm.close()
     if args.out:

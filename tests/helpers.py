@@ -23,6 +23,14 @@ from tools import assets
 VLLM_EAGER_OPTS = {"dtype": "float32", "block_size": 32, "seed": 0, "enforce_eager": True}
 
 
+class UserWorkerExtension:
+    """A worker extension of a user's own (``engine_opts={"worker_extension_cls": ...}``):
+    vLLM takes one, so genlm-anyio's rows then come from ``logprobs=-1``."""
+
+    def user_extension_answer(self) -> int:
+        return 42
+
+
 @contextlib.contextmanager
 def vllm_start_warns(engine_opts: dict[str, Any]) -> Iterator[None]:
     """Check what starting a vLLM engine with ``engine_opts`` on this CPU warns: on

@@ -42,6 +42,7 @@ pytest.importorskip("vllm")
 from genlm_anyio import AsyncTransformer, AsyncVirtualLM, ClosedError, load_model_by_name
 from genlm_anyio.backends.base import Query
 from genlm_anyio.backends.vllm.engine import VLLMEngine
+from genlm_anyio.backends.vllm.rows import CapturedRows, RankedRows
 from genlm_anyio.backends.vllm.sessions import MAX_PASSED_OVER
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
@@ -105,9 +106,9 @@ def test_rows_from_the_logits_processor_equal_vllms_own_full_logprobs(vllm_lm):
     (no sort over the vocabulary); an engine wrapper without it asks vLLM for
     ``logprobs=-1``. Both paths, fresh requests and resumed sessions, give the same rows."""
     engine = vllm_lm.engine
-    assert engine._capture is not None
+    assert isinstance(engine.rows, CapturedRows)
     sorted_path = VLLMEngine(engine._engine)
-    sorted_path._capture = None  # as for an engine whose worker runs in another process
+    sorted_path.rows = RankedRows(engine.vocab_size)  # as for an engine built without genlm-anyio's parts
     p, q = prompt(vllm_lm), prompt(vllm_lm, "The quick brown fox jumps over the lazy")
     seqs = [p, q, p + [28], p[:3], [42]]
     try:
@@ -119,7 +120,7 @@ def test_rows_from_the_logits_processor_equal_vllms_own_full_logprobs(vllm_lm):
                 assert got.shape == want.shape == (vllm_lm.vocab_size,)
                 assert (got - want).abs().max().item() < 1e-4
         assert engine.stats.sessions_resumed > 0 and sorted_path.stats.sessions_resumed > 0
-        assert not engine._capture.rows  # every kept row was handed out or dropped
+        assert not engine.rows.capture.rows  # every kept row was handed out or dropped
     finally:
         sorted_path.close_sessions()
         engine.close_sessions()

@@ -3,8 +3,10 @@
 The V2 processor (vLLM's V2 model runner, on GPUs) is driven here as that runner
 drives it (``add_request`` per request slot, then ``apply`` with a real
 ``LogitsContext`` each step), on CPU tensors, and loaded through vLLM's own V2
-loader and parameter validator. The choice of processor and of where the engine
-core runs is checked over the configurations a GPU user gets.
+loader and parameter validator. The worker extension that hands rows over from
+other processes is run on a worker's runner, and its bytes read back as the
+engine reads them. The choice of processor, of row source and of where the
+engine core runs is checked over the configurations a GPU user gets.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
     build_custom_logits_processors_params_validator,
 )
 
-from genlm_anyio.backends.vllm.capture import KEY, FullLogprobs, FullLogprobsV2, processor_for
+from genlm_anyio.backends.vllm.capture import EXTENSION, KEY, FullLogprobs, FullLogprobsV2, RowsExtension, processor_for
 from genlm_anyio.backends.vllm.options import multiprocess_engine
+from genlm_anyio.backends.vllm.rows import CapturedRows, RankedRows, WorkerRows, row_source
 
 pytestmark = pytest.mark.vllm
 
@@ -192,3 +195,112 @@ def test_the_processor_follows_the_model_runner(config, processor):
 )
 def test_where_the_engine_core_runs(requested, env, workers, multiprocess):
     assert multiprocess_engine(requested, env, workers) is multiprocess
+
+
+class _Worker(RowsExtension):
+    """A worker as vLLM extends it: its model runner (V2 here) and the extension's method."""
+
+    def __init__(self, processor: FullLogprobsV2):
+        self.model_runner = SimpleNamespace(sampler=SimpleNamespace(logits_processors=[processor]))
+
+
+@pytest.fixture
+def tp_rank(monkeypatch):
+    """Set this process's tensor-parallel rank, as vLLM's ``get_tp_group()`` reports it."""
+    from vllm.distributed import parallel_state
+
+    def set_rank(first: bool) -> None:
+        monkeypatch.setattr(parallel_state, "_TP", SimpleNamespace(is_first_rank=first))
+
+    return set_rank
+
+
+def test_the_worker_extension_hands_over_a_steps_rows_in_id_order(tp_rank):
+    proc = v2_processor()
+    for slot, rid in enumerate(["a", "b", "c"]):
+        proc.add_request(slot, marked(rid))
+    logits = torch.randn(3, V)
+    proc.apply(logits.clone(), context([0, 1, 2]))
+    tp_rank(True)
+    data = _Worker(proc).genlm_anyio_take_rows(["c", "a"], False)
+    # Each row, V float32 values in id order, without ids, as WorkerRows reads them.
+    core = SimpleNamespace(collective_rpc=lambda method, timeout, args, kwargs: [data])
+    got = WorkerRows(core, V).take([SimpleNamespace(request_id="c"), SimpleNamespace(request_id="a")], last=False)
+    assert len(data) == 2 * V * 4
+    torch.testing.assert_close(torch.stack(got), torch.log_softmax(logits[[2, 0]], dim=-1), rtol=0, atol=1e-6)
+    assert len(proc.rows) == 1  # "b" is kept until a last take
+    assert _Worker(proc).genlm_anyio_take_rows([], True) is None and len(proc.rows) == 0
+
+
+def test_only_the_first_tensor_parallel_rank_answers(tp_rank):
+    """Every rank keeps the same rows (vLLM gathers the logits on all of them); one answers, all forget."""
+    proc = v2_processor()
+    proc.add_request(0, marked("a"))
+    proc.apply(torch.randn(1, V), context([0]))
+    tp_rank(False)
+    assert _Worker(proc).genlm_anyio_take_rows(["a"], False) is None
+    assert len(proc.rows) == 0
+
+
+def test_a_worker_without_the_row_answers_nothing_and_the_engine_says_why(tp_rank):
+    tp_rank(True)
+    worker = _Worker(v2_processor())  # a pipeline stage but the last: no rows
+    assert worker.genlm_anyio_take_rows(["a"], True) is None
+    core = SimpleNamespace(collective_rpc=lambda method, timeout, args, kwargs: [None, None])
+    with pytest.raises(RuntimeError, match="without running genlm-anyio's logits processor"):
+        WorkerRows(core, V).take([SimpleNamespace(request_id="a")], last=True)
+
+
+def fake_engine(in_process: bool, processors: list, extension: str | None, speculative: object = None):
+    """What ``row_source`` reads of an ``LLMEngine``: its engine core (with one
+    worker in this process, or none) and its configuration."""
+    worker = SimpleNamespace(worker=SimpleNamespace(model_runner=_Worker(v2_processor()).model_runner))
+    core = SimpleNamespace(engine_core=SimpleNamespace(model_executor=SimpleNamespace(driver_worker=worker)))
+    config = SimpleNamespace(
+        use_v2_model_runner=True,
+        speculative_config=speculative,
+        model_config=SimpleNamespace(logits_processors=processors),
+        parallel_config=SimpleNamespace(worker_extension_cls=extension),
+    )
+    return SimpleNamespace(engine_core=core if in_process else SimpleNamespace(), vllm_config=config)
+
+
+@pytest.mark.parametrize(
+    ("engine", "source"),
+    [
+        # One worker, in this process (vLLM's default on one GPU, here): the processor's rows.
+        (fake_engine(True, [FullLogprobsV2], EXTENSION), CapturedRows),
+        # Workers elsewhere (multiprocess, TP, PP) with genlm-anyio's parts: the extension's rows.
+        (fake_engine(False, [FullLogprobsV2], EXTENSION), WorkerRows),
+        # A worker extension of the user's (vLLM takes one), or no processor: logprobs=-1.
+        (fake_engine(False, [FullLogprobsV2], "user.Extension"), RankedRows),
+        (fake_engine(False, None, EXTENSION), RankedRows),
+        # Speculative decoding: no processor fits (several rows per request).
+        (fake_engine(False, [FullLogprobsV2], EXTENSION, speculative=object()), RankedRows),
+    ],
+)
+def test_the_row_source_follows_where_the_workers_run(engine, source):
+    assert type(row_source(engine, V)) is source
+
+
+def test_a_dead_engine_process_fails_the_row_call_instead_of_hanging_it():
+    """vLLM's own utility call waits forever for an answer once the engine process
+    is gone; WorkerRows' wait asks the client whether the engine is alive."""
+    from vllm.v1.engine import EngineCoreRequestType
+    from vllm.v1.engine.exceptions import EngineDeadError
+
+    sent, checks = [], []
+
+    def ensure_alive():
+        checks.append(1)
+        if len(checks) == 2:
+            raise EngineDeadError()
+
+    core = SimpleNamespace(
+        utility_results={}, _send_input=lambda kind, request: sent.append((kind, request)), ensure_alive=ensure_alive
+    )
+    with pytest.raises(EngineDeadError):
+        WorkerRows(core, V).take([SimpleNamespace(request_id="a")], last=True)
+    [(kind, (client, call_id, method, args))] = sent
+    assert kind is EngineCoreRequestType.UTILITY and call_id in core.utility_results
+    assert (method, args) == ("collective_rpc", ("genlm_anyio_take_rows", None, (["a"], True), None))

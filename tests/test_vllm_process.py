@@ -18,6 +18,7 @@ import torch
 from helpers import VLLM_EAGER_OPTS, Outcomes
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
+from genlm_anyio.backends.vllm.rows import CapturedRows, RankedRows, WorkerRows
 from tools import assets
 
 pytest.importorskip("vllm")
@@ -69,12 +70,15 @@ def test_a_killed_engine_process_fails_every_waiting_caller_and_close_returns(mo
         out = lm.next_token_logprobs_sync(p)
         assert out.shape == (lm.vocab_size,) and torch.isfinite(out).all()
         assert torch.logsumexp(out, 0).item() == pytest.approx(0.0, abs=1e-4)
-        # The worker is in the child, so rows come from logprobs=-1 (vLLM's sort), and
-        # a resumed session (re-sent to the child) gives the row a new request gives.
-        assert lm.engine._capture is None
+        # The worker is in the child, so rows come through its extension, V float32s
+        # each, and a resumed session (re-sent to the child) gives the row a new request gives.
+        rows = lm.engine.rows
+        assert isinstance(rows, WorkerRows)
+        received = rows.bytes_received
         resumed = lm.engine.stats.sessions_resumed
         grown = lm.next_token_logprobs_sync(p + [11])
         assert lm.engine.stats.sessions_resumed == resumed + 1
+        assert rows.bytes_received == received + 4 * lm.vocab_size
         lm.clear_cache()
         assert (grown - lm.next_token_logprobs_sync(p + [11])).abs().max().item() < 1e-4
 
@@ -110,21 +114,36 @@ def test_a_killed_engine_process_fails_every_waiting_caller_and_close_returns(mo
 
 
 def test_sis_on_the_multiprocess_engine_equals_sis_in_process(monkeypatch):
-    """The same SIS run on the multiprocess engine (rows through logprobs=-1, over
-    the engine's socket) and then, once it is closed, on an in-process engine (rows
+    """The same SIS run on the multiprocess engine, its rows through genlm-anyio's
+    worker extension; on it again with a worker extension of the user's (vLLM
+    takes one), its rows through ``logprobs=-1`` (vLLM's ranking, over the
+    engine's socket); and, once they are closed, on an in-process engine (rows
     from genlm-anyio's logits processor): the same particles, the same weights.
     Last in this file: see the module's docstring."""
     monkeypatch.setenv("VLLM_CPU_KVCACHE_SPACE", "1")
     runs = {}
-    for multiprocess in (True, False):
-        lm = AsyncVirtualLM.from_name(str(assets.smollm2_dir()), engine_opts=VLLM_EAGER_OPTS, multiprocess=multiprocess)
+    user_extension = {**VLLM_EAGER_OPTS, "worker_extension_cls": "helpers.UserWorkerExtension"}
+    for source, opts, multiprocess in (
+        (WorkerRows, VLLM_EAGER_OPTS, True),
+        (RankedRows, user_extension, True),
+        (CapturedRows, VLLM_EAGER_OPTS, False),
+    ):
+        lm = AsyncVirtualLM.from_name(str(assets.smollm2_dir()), engine_opts=opts, multiprocess=multiprocess)
         try:
-            assert (lm.engine._capture is None) is multiprocess
-            runs[multiprocess] = sis(lm)
+            assert type(lm.engine.rows) is source
+            runs[source] = sis(lm)
             # Step 1 asks once for the shared prompt; from step 3 on every particle resumes its session.
             assert lm.engine.stats.sessions_resumed >= 8 * 4
+            if source is WorkerRows:
+                # One row per engine request or resumed session, V float32s each.
+                stats = lm.engine.stats
+                assert lm.engine.rows.bytes_received == (stats.requests + stats.sessions_resumed) * 4 * lm.vocab_size
+            if source is RankedRows:  # the user's extension is in the workers
+                assert lm.engine._engine.collective_rpc("user_extension_answer") == [42]
         finally:
             lm.close()
-    (mp_seqs, mp_weights), (in_seqs, in_weights) = runs[True], runs[False]
-    assert mp_seqs == in_seqs
-    assert max(abs(a - b) for a, b in zip(mp_weights, in_weights)) < 1e-3
+    in_seqs, in_weights = runs[CapturedRows]
+    for source in (WorkerRows, RankedRows):
+        seqs, weights = runs[source]
+        assert seqs == in_seqs, source.__name__
+        assert max(abs(a - b) for a, b in zip(weights, in_weights)) < 1e-3, source.__name__

@@ -25,6 +25,7 @@ from vllm import EngineArgs
 
 from genlm_anyio import AsyncVirtualLM, ClosedError
 from genlm_anyio.backends.vllm.options import _cpu_environment, cpu_thread_binding, split_cores
+from genlm_anyio.backends.vllm.rows import WorkerRows
 from tools import assets
 
 BIND = "VLLM_CPU_OMP_THREADS_BIND"
@@ -88,10 +89,15 @@ def _run(lm: AsyncVirtualLM) -> dict[str, object]:
     """What both engines must agree on: a batch, its one-token extensions (which
     resume the engine's sessions), and a seeded sampling run."""
     seqs = _sequences(lm)
+    # The workers are in other processes: rows come through genlm-anyio's worker
+    # extension, from one rank (WorkerRows refuses more), V float32s each.
+    assert isinstance(lm.engine.rows, WorkerRows)
+    received = lm.engine.rows.bytes_received
     first = lm.batch_next_token_logprobs_sync(seqs)
     resumed_before = lm.engine.stats.sessions_resumed
     grown = lm.batch_next_token_logprobs_sync([s + [11] for s in seqs])
     assert lm.engine.stats.sessions_resumed == resumed_before + len(seqs)
+    assert lm.engine.rows.bytes_received == received + 2 * len(seqs) * 4 * lm.vocab_size
     sample = anyio.run(lambda: lm.sample(seqs[0], 12, [], temperature=1.0, seed=3))
     return {"first": first, "grown": grown, "sample": sample}
 

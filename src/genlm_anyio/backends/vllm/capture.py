@@ -16,10 +16,12 @@ pinned memory, without blocking the sampler; the reader waits for that copy
 only): callers get CPU tensors from every backend, and one copy per step costs
 one transfer where a copy per row would cost one device sync per row.
 
-The processors run inside the engine's worker, so their rows are in reach only
-when the worker runs in this process (the in-process engine core with one
-worker); :func:`find_capture` finds them there. Elsewhere genlm-anyio asks for
-``logprobs=-1``.
+The processors run inside the engine's workers. Where the worker runs in this
+process (the in-process engine core with one worker), :func:`find_capture`
+finds its rows. Elsewhere (the multiprocess engine, tensor or pipeline
+parallelism) :class:`RowsExtension`, mixed into every worker by vLLM's
+``worker_extension_cls``, hands a step's rows over through the engine's
+``collective_rpc``, as one buffer of float32 values in id order (no ids, no sort).
 
 This module imports vLLM: import it only once vLLM is known to be installed.
 """
@@ -174,15 +176,51 @@ def install(vllm_config: Any) -> None:
         model.logits_processors = [*(model.logits_processors or ()), processor]
 
 
-def find_capture(core: Any) -> Capture | None:
-    """The capturing processor of an in-process engine core's one worker (on its
-    V1 or V2 model runner), or None (workers in other processes, or an engine
-    built without it)."""
-    try:
-        runner = core.engine_core.model_executor.driver_worker.worker.model_runner
-    except AttributeError:
-        return None
+def capture_of(runner: Any) -> Capture | None:
+    """The capturing processor of a worker's model runner (V1 or V2), or None."""
     input_batch = getattr(runner, "input_batch", None)  # the V1 runner's
     v1 = getattr(getattr(input_batch, "logitsprocs", None), "all", ())
     v2 = getattr(getattr(runner, "sampler", None), "logits_processors", ())
     return next((p for p in (*v1, *v2) if isinstance(p, (FullLogprobs, FullLogprobsV2))), None)
+
+
+def find_capture(core: Any) -> Capture | None:
+    """The capturing processor of an in-process engine core's one worker, or
+    None (workers in other processes, or an engine built without it)."""
+    try:
+        runner = core.engine_core.model_executor.driver_worker.worker.model_runner
+    except AttributeError:
+        return None
+    return capture_of(runner)
+
+
+EXTENSION = "genlm_anyio.backends.vllm.capture.RowsExtension"
+""":class:`RowsExtension`'s name, as vLLM's ``worker_extension_cls`` takes it."""
+
+TAKE_ROWS = "genlm_anyio_take_rows"
+"""The method of :class:`RowsExtension` that the engine calls through ``collective_rpc``."""
+
+
+class RowsExtension:
+    """Mixed into each of an engine's workers (vLLM's ``worker_extension_cls``):
+    the captured rows leave the worker's process as one buffer per step."""
+
+    model_runner: Any  # the worker's, set by vLLM's Worker
+
+    def genlm_anyio_take_rows(self, request_ids: list[str], last: bool) -> bytes | None:
+        """The rows kept for ``request_ids``, forgotten here, as their float32
+        values in id order, one row after another; None on a worker that does
+        not answer (tensor-parallel ranks but the first all keep the same rows;
+        pipeline stages but the last keep none). With ``last`` (the batch has no
+        request left in flight), rows kept for anything else are dropped too."""
+        from vllm.distributed.parallel_state import get_tp_group
+
+        capture = capture_of(self.model_runner)
+        if capture is None:
+            return None
+        rows = [row for row in map(capture.rows.pop, request_ids) if row is not None]
+        if last:
+            capture.rows.clear()
+        if not rows or len(rows) < len(request_ids) or not get_tp_group().is_first_rank:
+            return None
+        return torch.stack(rows).numpy().tobytes()

@@ -20,16 +20,16 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Union
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Union
 
 from ..base import Adapter, Query, RequestFailed, SampleRequest
 from .internals import TESTED_VERSIONS, check_internals
 from .lora import LoRAs, cpu_lora_slot_bug
 from .options import REQUIRED_OPTIONS, start_engine
 from .sessions import Sessions
+
+if TYPE_CHECKING:
+    from .rows import RowSource
 
 Request = Union[Query, SampleRequest]
 
@@ -93,7 +93,7 @@ class VLLMEngine:
         from vllm.v1.engine import FinishReason
         from vllm.v1.engine.exceptions import EngineDeadError
 
-        from .capture import find_capture
+        from .rows import row_source
 
         # vLLM's objects (untyped); checked just below, and None again once shut down.
         core: Any = getattr(engine, "engine_core", None)
@@ -133,16 +133,16 @@ class VLLMEngine:
         self.loras = LoRAs(engine, split_mixed=self._cpu and cpu_lora_slot_bug())
         self._lock = threading.Lock()
         self.stats = EngineStats()
-        # Where the engine's worker runs in this process, log-probability rows come from
-        # genlm-anyio's logits processor (no sort); otherwise from logprobs=-1.
-        self._capture = find_capture(core)
+        self.vocab_size: int = config.get_vocab_size()
+        # Where log-probability rows come from: genlm-anyio's logits processor, in this
+        # process or through the workers' extension (no sort), or else logprobs=-1.
+        self.rows: RowSource = row_source(engine, self.vocab_size)
         # Built once: the input processor clones them for each request. Greedy, because
         # the sampled token is thrown away and this is the cheapest way to draw it.
         self._captured_params = SamplingParams(max_tokens=1, temperature=0.0, detokenize=False)
         self._sorted_params = SamplingParams(max_tokens=1, temperature=0.0, logprobs=-1, detokenize=False)
         self._dead_error = EngineDeadError
         self._error_finish = FinishReason.ERROR
-        self.vocab_size: int = config.get_vocab_size()
         self.max_model_len: int = config.max_model_len
         scheduler = engine.vllm_config.scheduler_config
         active = getattr(scheduler, "max_num_active_seqs", None)
@@ -200,7 +200,7 @@ class VLLMEngine:
                 ignore_eos=True,  # only the caller's eos ids stop a run
                 detokenize=False,
             )
-        return self._sorted_params if self._capture is None else self._captured_params
+        return self._captured_params if self.rows.marks else self._sorted_params
 
     def _add(self, request: Request) -> str:
         """Start a request; a log-probability request opens a session."""
@@ -246,7 +246,7 @@ class VLLMEngine:
     def _mark(self, core_request: Any) -> None:
         """Have the capturing logits processor keep this log-probability request's
         row (on the input processor's own copy of its sampling parameters)."""
-        if self._capture is not None:
+        if self.rows.marks:
             from .capture import KEY
 
             core_request.sampling_params.extra_args = {KEY: core_request.request_id}
@@ -256,24 +256,6 @@ class VLLMEngine:
         if rids:
             self._core.abort_requests(list(rids))
             self._sessions.ended(list(rids))
-
-    def _logprobs(self, output: Any) -> torch.Tensor:
-        """The full log-probability vector of a one-token request's output."""
-        if self._capture is not None:
-            row = self._capture.rows.pop(output.request_id)
-            if row is None:
-                raise RuntimeError(
-                    "vLLM sampled a log-probability request without running genlm-anyio's logits processor"
-                )
-            return row
-        lists = output.new_logprobs
-        # Row 0 is [sampled token, then all V tokens by rank]; put them back in id order.
-        ids, values = lists.logprob_token_ids[0, 1:], lists.logprobs[0, 1:]
-        if len(ids) != self.vocab_size:
-            raise RuntimeError(f"vLLM returned {len(ids)} log-probabilities, not {self.vocab_size}")
-        out = np.empty(self.vocab_size, dtype=np.float32)
-        out[ids] = values
-        return torch.from_numpy(out)
 
     @staticmethod
     def _error(output: Any) -> RequestFailed:
@@ -327,6 +309,7 @@ class VLLMEngine:
                 self._start_round(batch, round_)
                 self._collect(batch)
         except BaseException:
+            self.rows.discard()
             # Leave the engine with nothing of this batch in flight or idle.
             self._retire(
                 list(
@@ -335,9 +318,6 @@ class VLLMEngine:
                 )
             )
             raise
-        finally:
-            if self._capture is not None:
-                self._capture.rows.clear()  # rows of requests this batch did not finish
         self._finish(batch)
         return batch.results
 
@@ -362,6 +342,7 @@ class VLLMEngine:
     def _collect(self, batch: _Batch) -> None:
         """Take the engine's outputs until every request added so far has finished."""
         while batch.waiting:
+            sampled = []  # log-probability requests whose step came in: their rows are due
             for output in self._next_outputs().outputs:
                 rid = output.request_id
                 if rid not in batch.waiting:
@@ -377,11 +358,14 @@ class VLLMEngine:
                 elif rid in batch.sampled:
                     batch.sampled[rid].extend(output.new_token_ids)
                 elif output.new_token_ids:  # the step that computed its log-probabilities
-                    batch.results[i] = self._logprobs(output)
+                    sampled.append(output)
                 if output.finish_reason is not None:
                     batch.waiting.discard(rid)
-                    if rid not in batch.sampled and batch.results[i] is None:
+                    if rid not in batch.sampled and batch.results[i] is None and not output.new_token_ids:
                         raise RuntimeError(f"vLLM ended a request without its logprobs ({output.finish_reason})")
+            if sampled:
+                for output, row in zip(sampled, self.rows.take(sampled, last=not batch.waiting)):
+                    batch.results[batch.where[output.request_id]] = row
 
     def _finish(self, batch: _Batch) -> None:
         """Trim the sampled runs (their eos) and keep the log-probability requests

@@ -33,7 +33,7 @@ class Internal:
 
 INTERNALS: tuple[Internal, ...] = (
     Internal("vllm", "SamplingParams"),
-    Internal("vllm", "EngineArgs", ("model",)),
+    Internal("vllm", "EngineArgs", ("model", "worker_extension_cls")),
     Internal("vllm.engine.arg_utils", "EngineArgs.create_engine_config"),
     Internal("vllm.envs", "VLLM_ENABLE_V1_MULTIPROCESSING"),
     Internal("vllm.inputs", "TokensPrompt"),
@@ -62,6 +62,12 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.engine.core_client", "EngineCoreClient.reset_prefix_cache"),
     Internal("vllm.v1.engine.core_client", "EngineCoreClient.shutdown"),
     Internal("vllm.v1.engine.core_client", "MPClient.ensure_alive"),
+    Internal("vllm.v1.engine.core_client", "SyncMPClient._send_input", ("request_type", "request")),
+    Internal("vllm.v1.engine.core_client", "EngineCoreClient.collective_rpc", ("method", "timeout", "args", "kwargs")),
+    Internal("vllm.v1.engine.core", "EngineCore.collective_rpc", ("method", "timeout", "args", "kwargs")),
+    Internal("vllm.v1.engine", "EngineCoreRequestType.UTILITY"),
+    Internal("vllm.distributed.parallel_state", "get_tp_group"),
+    Internal("vllm.distributed.parallel_state", "GroupCoordinator.is_first_rank"),
     Internal(
         "vllm.v1.engine", "EngineCoreRequest", ("request_id", "prompt_token_ids", "sampling_params", "arrival_time")
     ),

@@ -31,7 +31,9 @@ class AsyncVirtualLM(AsyncLM):
             vLLM's sort over the vocabulary, ``logits_processors`` holding
             :class:`~genlm_anyio.backends.vllm.capture.FullLogprobs`, or
             :class:`~genlm_anyio.backends.vllm.capture.FullLogprobsV2` on vLLM's
-            V2 model runner; ``from_name`` adds the right one).
+            V2 model runner, and where the workers run in other processes,
+            ``worker_extension_cls`` set to ``capture.EXTENSION``;
+            ``from_name`` adds both).
         max_batch_size: most requests handed to the engine at once; at most the
             engine's request slots (``max_num_seqs``), since each request of a
             batch holds one until the batch ends.

@@ -143,8 +143,9 @@ def start_engine(
     """A vLLM ``LLMEngine`` for ``model``; ``engine_opts`` are ``vllm.EngineArgs`` fields.
 
     Prefix caching is on unless ``engine_opts`` turn it off, and the engine has
-    :data:`REQUIRED_OPTIONS` and genlm-anyio's logits processor for its model
-    runner (``capture.install``). Where the engine core runs:
+    :data:`REQUIRED_OPTIONS`, genlm-anyio's logits processor for its model
+    runner (``capture.install``) and its worker extension (``capture.RowsExtension``,
+    unless ``engine_opts`` name another). Where the engine core runs:
     :func:`multiprocess_engine`. On vLLM's CPU platform, unless
     ``VLLM_CPU_OMP_THREADS_BIND`` is set, the engine's workers get threads bound
     to ``cpus`` (default: the cores this process may run on), split into one
@@ -156,9 +157,11 @@ def start_engine(
     from vllm.v1.engine.llm_engine import LLMEngine
     from vllm.v1.executor import Executor
 
-    from .capture import install
+    from .capture import EXTENSION, install
 
-    opts = {"enable_prefix_caching": True, **engine_opts}
+    # Rows leave workers in other processes through genlm-anyio's worker extension,
+    # unless the user brings one of their own (vLLM takes one): then logprobs=-1.
+    opts = {"enable_prefix_caching": True, "worker_extension_cls": EXTENSION, **engine_opts}
     clash = {k: opts[k] for k, v in REQUIRED_OPTIONS.items() if k in opts and opts[k] != v}
     if clash:
         raise ValueError(f"engine_opts may not set {clash}: genlm-anyio needs {REQUIRED_OPTIONS}")
