@@ -317,24 +317,25 @@ def test_ctrl_c_stops_a_busy_program_promptly(tmp_path, backend):
             [str(os.path.dirname(os.path.dirname(genlm_anyio.__file__))), os.environ.get("PYTHONPATH", "")]
         ),
     )
-    proc = subprocess.Popen(
+    # As a context manager, Popen closes its pipes however the test ends.
+    with subprocess.Popen(
         [sys.executable, str(script), str(assets.smollm2_dir()), backend],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
-    )
-    try:
-        assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
-        time.sleep(0.5)  # mid-batch, with requests queued
-        sent = time.monotonic()
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=30)
-        print(f"\n[ctrl-c {backend}] exited {time.monotonic() - sent:.2f} s after SIGINT, code {proc.returncode}")
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    ) as proc:
+        try:
+            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+            time.sleep(0.5)  # mid-batch, with requests queued
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=30)
+            print(f"\n[ctrl-c {backend}] exited {time.monotonic() - sent:.2f} s after SIGINT, code {proc.returncode}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     # Killed by SIGINT (asyncio re-raises it) or exit status 1 (trio's exception
     # group); not -6: a worker inside torch during finalization aborted the process.
     assert proc.returncode in (1, -signal.SIGINT), stderr[-2000:]
