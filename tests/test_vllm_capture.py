@@ -302,5 +302,5 @@ def test_a_dead_engine_process_fails_the_row_call_instead_of_hanging_it():
     with pytest.raises(EngineDeadError):
         WorkerRows(core, V).take([SimpleNamespace(request_id="a")], last=True)
     [(kind, (client, call_id, method, args))] = sent
-    assert kind is EngineCoreRequestType.UTILITY and call_id in core.utility_results
+    assert kind is EngineCoreRequestType.UTILITY and client == 0 and call_id in core.utility_results
     assert (method, args) == ("collective_rpc", ("genlm_anyio_take_rows", None, (["a"], True), None))
