@@ -265,6 +265,8 @@ def test_cancellation_storms_leave_no_wrong_answer_no_hung_caller_and_no_thread(
 
 # -- Ctrl-C ------------------------------------------------------------------------------------------
 SIGINT_PROGRAM = """
+import faulthandler
+import signal
 import sys
 
 import anyio
@@ -273,6 +275,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from genlm_anyio import AsyncTransformer
 
+faulthandler.register(signal.SIGUSR1, all_threads=True)  # the test asks for the stacks of a hang
+# A program run in a terminal gets Ctrl-C. This one inherits the test process's
+# SIGINT, which is ignored where a shell without job control started the tests in
+# the background (POSIX shells ignore SIGINT and SIGQUIT for such commands, and an
+# ignored or blocked signal survives exec): undo that, as a terminal would have it.
+inherited = signal.getsignal(signal.SIGINT), signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, [])
+signal.signal(signal.SIGINT, signal.default_int_handler)
+signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 path, library = sys.argv[1], sys.argv[2]
 lm = AsyncTransformer(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), AutoTokenizer.from_pretrained(path))
 
@@ -283,7 +293,7 @@ async def particle(i):
         logprobs = await lm.next_token_logprobs(ids)
         ids = ids + [int(logprobs.argmax())] if len(ids) < 60 else [100 + i, 2, 3]
         if i == 0 and len(ids) == 6:
-            print("ready", flush=True)
+            print("ready", inherited, flush=True)
 
 
 async def main():
@@ -326,12 +336,23 @@ def test_ctrl_c_stops_a_busy_program_promptly(tmp_path, backend):
         env=env,
     ) as proc:
         try:
-            assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+            ready = proc.stdout.readline().strip()
+            assert ready.startswith("ready"), proc.stderr.read()
             time.sleep(0.5)  # mid-batch, with requests queued
             sent = time.monotonic()
             proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=30)
-            print(f"\n[ctrl-c {backend}] exited {time.monotonic() - sent:.2f} s after SIGINT, code {proc.returncode}")
+            try:
+                _, stderr = proc.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGUSR1)  # every thread's stack, to stderr
+                time.sleep(2)
+                proc.kill()
+                _, stderr = proc.communicate()
+                pytest.fail(f"still running 30 s after SIGINT; its threads:\n{stderr[-8000:]}")
+            print(
+                f"\n[ctrl-c {backend}] exited {time.monotonic() - sent:.2f} s after SIGINT, code {proc.returncode}"
+                f" (SIGINT handler and blocked, as inherited: {ready.removeprefix('ready ')})"
+            )
         finally:
             if proc.poll() is None:
                 proc.kill()
