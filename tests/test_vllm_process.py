@@ -134,6 +134,10 @@ def test_sis_on_the_multiprocess_engine_equals_sis_in_process(monkeypatch):
             runs[source] = sis(lm)
             # Step 1 asks once for the shared prompt; from step 3 on every particle resumes its session.
             assert lm.engine.stats.sessions_resumed >= 8 * 4
+            # Each batch is one engine round and one forward pass: an engine core in
+            # another process, which steps as soon as a request arrives, is held
+            # while a round's requests go in.
+            assert lm.engine.stats.engine_steps == lm.engine.stats.rounds >= 6, lm.engine.stats
             if source is WorkerRows:
                 # One row per engine request or resumed session, V float32s each.
                 stats = lm.engine.stats

@@ -14,15 +14,18 @@ stay as idle sessions for later batches.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Union
 
 from ..base import Adapter, Query, RequestFailed, SampleRequest
+from . import utility
 from .internals import TESTED_VERSIONS, check_internals
 from .lora import LoRAs, cpu_lora_slot_bug
 from .options import REQUIRED_OPTIONS, start_engine
@@ -48,6 +51,10 @@ class EngineStats:
     """Tokens of new requests that vLLM's prefix cache served."""
     split_rounds: int = 0
     """Batches run as two engine rounds (base, then adapters: see ``LoRAs.rounds``)."""
+    rounds: int = 0
+    """Engine rounds run: each adds its requests, then takes outputs until they finish."""
+    engine_steps: int = 0
+    """Engine steps (forward passes) whose outputs held requests of a round."""
 
     @property
     def tokens_computed(self) -> int:
@@ -149,6 +156,11 @@ class VLLMEngine:
         # The engine's request slots. Each request of a batch holds one until the batch
         # ends (an idle session keeps its slot), so a larger batch would never finish.
         self.max_requests: int = active if active is not None else scheduler.max_num_seqs
+        # An engine core in another process steps as soon as a request reaches it, so
+        # a round's requests would be split over several steps (forward passes): there
+        # its scheduler is held while they go in (see ``_held_scheduler``).
+        self._holds = utility.in_other_process(core) and engine.vllm_config.parallel_config.data_parallel_size == 1
+        self._pending: list[Future[Any]] = []
 
     @classmethod
     def from_options(
@@ -321,9 +333,35 @@ class VLLMEngine:
         self._finish(batch)
         return batch.results
 
+    @contextlib.contextmanager
+    def _held_scheduler(self) -> Iterator[None]:
+        """While a round's requests go in: an engine core in another process with
+        its scheduler paused (vLLM's ``pause_scheduler("keep")``, which queues what
+        is added and steps nothing) and resumed after, so that its next step runs
+        them all, not the first few that arrived. The replies are not waited for
+        (the calls are messages in order with the requests); a failed one fails a
+        later round."""
+        if not self._holds:
+            yield
+            return
+        failed = [f.exception() for f in self._pending if f.done() and f.exception() is not None]
+        self._pending = [f for f in self._pending if not f.done()]
+        if failed:
+            raise RuntimeError(f"vLLM's engine could not pause or resume its scheduler: {failed[0]}") from failed[0]
+        self._pending.append(utility.send(self._core, "pause_scheduler", ("keep", False)))
+        try:
+            yield
+        finally:
+            self._pending.append(utility.send(self._core, "resume_scheduler", ()))
+
     def _start_round(self, batch: _Batch, round_: list[int]) -> None:
         """Add the requests of one engine round: resume the idle session a
         log-probability request extends, or start a new engine request."""
+        self.stats.rounds += 1
+        with self._held_scheduler():
+            self._add_round(batch, round_)
+
+    def _add_round(self, batch: _Batch, round_: list[int]) -> None:
         for i in round_:
             request = batch.requests[i]
             if isinstance(request, SampleRequest) and request.max_tokens == 0:
@@ -343,10 +381,11 @@ class VLLMEngine:
         """Take the engine's outputs until every request added so far has finished."""
         while batch.waiting:
             sampled = []  # log-probability requests whose step came in: their rows are due
-            for output in self._next_outputs().outputs:
+            outputs = [o for o in self._next_outputs().outputs if o.request_id in batch.waiting]
+            if outputs:
+                self.stats.engine_steps += 1
+            for output in outputs:
                 rid = output.request_id
-                if rid not in batch.waiting:
-                    continue
                 if output.num_nans_in_logits:
                     raise FloatingPointError(f"vLLM's logits held {output.num_nans_in_logits} NaNs")
                 if output.prefill_stats is not None:

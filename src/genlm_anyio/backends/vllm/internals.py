@@ -65,6 +65,8 @@ INTERNALS: tuple[Internal, ...] = (
     Internal("vllm.v1.engine.core_client", "SyncMPClient._send_input", ("request_type", "request")),
     Internal("vllm.v1.engine.core_client", "EngineCoreClient.collective_rpc", ("method", "timeout", "args", "kwargs")),
     Internal("vllm.v1.engine.core", "EngineCore.collective_rpc", ("method", "timeout", "args", "kwargs")),
+    Internal("vllm.v1.engine.core", "EngineCore.pause_scheduler", ("mode", "clear_cache")),
+    Internal("vllm.v1.engine.core", "EngineCore.resume_scheduler"),
     Internal("vllm.v1.engine", "EngineCoreRequestType.UTILITY"),
     Internal("vllm.distributed.parallel_state", "get_tp_group"),
     Internal("vllm.distributed.parallel_state", "GroupCoordinator.is_first_rank"),

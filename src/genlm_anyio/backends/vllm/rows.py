@@ -15,15 +15,13 @@ Three sources, one interface (:class:`RowSource`), chosen once per engine by
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
+from . import utility
 from .capture import EXTENSION, TAKE_ROWS, Capture, find_capture, processor_for
 
 MISSING = "vLLM sampled a log-probability request without running genlm-anyio's logits processor"
@@ -68,24 +66,11 @@ class CapturedRows:
 
 
 def _collective_rpc(core: Any, method: str, args: tuple[Any, ...]) -> list[Any]:
-    """``core.collective_rpc(method, args=args)``: the workers' replies.
-
-    Through an engine process (vLLM's ``MPClient``) the call is sent as vLLM's
-    ``call_utility`` sends it, and waited for in slices: vLLM's own wait never
-    ends once the engine process has died."""
-    if not hasattr(core, "utility_results"):  # the engine core is in this process
+    """``core.collective_rpc(method, args=args)``: the workers' replies (through an
+    engine process, as vLLM's ``call_utility`` sends it, see :mod:`.utility`)."""
+    if not utility.in_other_process(core):
         return core.collective_rpc(method, None, args, None)
-    from vllm.v1.engine import EngineCoreRequestType
-
-    future: Future[list[Any]] = Future()
-    call_id = uuid.uuid4().int >> 64
-    core.utility_results[call_id] = future
-    core._send_input(EngineCoreRequestType.UTILITY, (0, call_id, "collective_rpc", (method, None, args, None)))
-    while True:
-        try:
-            return future.result(timeout=0.5)
-        except FutureTimeout:
-            core.ensure_alive()  # EngineDeadError once the engine process is gone
+    return utility.call(core, "collective_rpc", (method, None, args, None))
 
 
 class WorkerRows:
