@@ -191,14 +191,18 @@ def main() -> None:
         ["engine", "N x T", "SIS best", "SIS median", "LLM.generate best", "SIS / generate", "bytes / row"],
         notes=["bytes / row: what crosses a process per log-probability row (0: rows stay in this process)"],
     )
-    with VLLMGenerate(model, **engine_opts) as native:
+    if args.out:
+        report.path = Path(args.out)
+    with report.written(), VLLMGenerate(model, **engine_opts) as native:
         for name in engines:
             start = time.perf_counter()
             llm = AsyncVirtualLM.from_name(model, engine_opts=engine_opts, multiprocess=name == "multiprocess")
             print(f"  {name} engine start: {time.perf_counter() - start:.1f} s", flush=True)
             try:
                 if args.check and name == "in-process":
-                    print(f"  checks: {check(llm)}", flush=True)
+                    checks = check(llm)
+                print(f"  checks: {checks}", flush=True)
+                table.notes.append(f"End-to-end checks of the {name} engine (passed): {checks}")
                 by_path = bytes_per_row(llm.vocab_size)
                 crossing = {
                     "CapturedRows": 0,
@@ -230,9 +234,6 @@ def main() -> None:
                         )
             finally:
                 llm.close()
-    if args.out:
-        report.path = Path(args.out)
-    report.write()
 
 
 if __name__ == "__main__":

@@ -411,15 +411,14 @@ def main() -> None:
         "Workloads: long shared prompts and many particles",
         Path(args.out) if args.out else None,
     )
-    with ExitStack() as stack:
+    with report.written(), ExitStack() as stack:
         systems = Systems(args, stack)
         found = run_sis(args, systems, report, tokenizer) if args.grid else {}
         for system in ("genlm-anyio", "genlm-backend"):
             systems.close(system)  # the control programs run in processes of their own
         if args.control:
             run_control(args, systems, report, tokenizer)
-    targets(report, found, args.tokens)
-    report.write()
+        targets(report, found, args.tokens)
     print(f"\n(grid run: SIS {args.grid or 'none'} x {args.tokens} tokens; control {args.control or 'none'})")
 
 

@@ -16,7 +16,7 @@ Results file (``benches/results/<bench>.json``)::
 
     {"bench": "sis", "title": "...", "command": "python benches/bench_sis.py ...",
      "run": "<BENCH_RUN of the make bench run, or null>", "started": "<UTC ISO time>",
-     "wall_s": 812.3, "machine": {"cpus": 2, "platform": "...", "python": "...",
+     "wall_s": 812.3, "stopped": null, "machine": {"cpus": 2, "platform": "...", "python": "...",
                                   "torch": "...", "genlm_backend": "0.3.1", ...},
      "tables": [{"title": "...", "header": ["...", ...], "rows": [["...", ...]],
                  "notes": ["..."]}],
@@ -25,10 +25,13 @@ Results file (``benches/results/<bench>.json``)::
 
 Tables hold formatted cells; ``measurements`` hold every timed sample, so a
 reader (and ``tests/test_bench_docs.py``) can check each best and median.
+``stopped`` says why a run ended early (a ``timeout`` around it, Ctrl-C): its
+tables then hold the rows measured before (:meth:`Report.written`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib
 import importlib.metadata
@@ -36,6 +39,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +47,7 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -329,6 +333,40 @@ class Report:
         self.measurements: dict[str, dict[str, Any]] = {}
         self.started = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self._t0 = time.perf_counter()
+        self.stopped: str | None = None
+
+    @contextlib.contextmanager
+    def written(self) -> Iterator[Report]:
+        """Run a benchmark's body, then write its results, also when the run is
+        stopped early by SIGTERM (a ``timeout`` around it) or Ctrl-C: then the file
+        holds the rows measured so far, says so (``stopped``), and the command
+        exits with 124, as ``timeout`` does. A run with a time limit (a GPU
+        machine's) keeps what it measured."""
+
+        def stop(signum: int, _frame: Any) -> None:
+            self._stop(signal.Signals(signum).name)
+            raise KeyboardInterrupt
+
+        previous = signal.signal(signal.SIGTERM, stop)
+        try:
+            yield self
+        except BaseException as exc:
+            # Closing the benchmark's worker processes, which the signal reached too,
+            # can raise something else on the way out: the stop decides.
+            if isinstance(exc, KeyboardInterrupt):
+                self._stop("SIGINT")
+            if self.stopped is None:
+                raise
+            print(f"\n({self.stopped}: writing the rows measured so far)", flush=True)
+            self.write()
+            raise SystemExit(124) from None
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        self.write()
+
+    def _stop(self, how: str) -> None:
+        if self.stopped is None:
+            self.stopped = f"stopped by {how} after {time.perf_counter() - self._t0:.0f} s"
 
     def table(self, title: str, header: Iterable[str], notes: Iterable[str] = ()) -> ResultsTable:
         table = ResultsTable(title, list(header), notes=list(notes))
@@ -351,6 +389,7 @@ class Report:
             "run": os.environ.get("BENCH_RUN") or None,
             "started": self.started,
             "wall_s": round(time.perf_counter() - self._t0, 1),
+            "stopped": self.stopped,
             "machine": machine(),
             "tables": [t.to_json() for t in self.tables],
             "measurements": self.measurements,

@@ -51,6 +51,8 @@ def render(record: dict[str, Any]) -> str:
     m = record["machine"]
     versions = ", ".join(f"{k.replace('_', '-')} {m[k]}" for k in ("torch", "transformers", "genlm_backend") if k in m)
     run = f"run {record['run']}" if record.get("run") else "run alone"
+    if record.get("stopped"):
+        run += f"; {record['stopped']}, so the tables hold only the rows measured before"
     head = (
         f"`{record['command']}` ({run}, {record['started']}, {record['wall_s']:.0f} s; "
         f"{m['cpus']} CPUs, {m['processor']}, Python {m['python']}, {versions})"

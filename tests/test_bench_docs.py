@@ -4,6 +4,7 @@ those figures are what the harness says they are: best and median of at least 3.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import statistics
 import subprocess
@@ -47,6 +48,58 @@ def test_a_missing_results_file_says_so() -> None:
 def test_the_docs_figures_come_from_one_run() -> None:
     runs = {name: record.get("run") for name, record in RESULTS.items()}
     assert len(set(runs.values())) == 1, f"results files from different make bench runs: {runs}"
+
+
+def test_the_docs_figures_come_from_whole_runs() -> None:
+    stopped = {name: record["stopped"] for name, record in RESULTS.items() if record.get("stopped")}
+    assert not stopped, f"results files of runs stopped early: {stopped}"
+
+
+_STOPPED_RUN = """
+import os, signal, sys, time
+from pathlib import Path
+import common
+report = common.Report("demo", "Demo", Path(sys.argv[1]))
+table = report.table("rows", ["row"])
+with report.written():
+    table.add("measured")
+    if sys.argv[2] == "error":
+        raise ValueError("a real failure")
+    if sys.argv[2] == "term":
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+    table.add("last")
+"""
+
+
+@pytest.mark.parametrize("how", ["whole", "term", "error"])
+def test_a_run_stopped_by_sigterm_keeps_its_rows_and_says_so(tmp_path: Path, how: str) -> None:
+    """``Report.written``: a ``timeout`` (SIGTERM) leaves the rows measured so far,
+    marked as a stopped run, and exit status 124; a failure is not hidden."""
+    script, out = tmp_path / "run.py", tmp_path / "demo.json"
+    script.write_text(_STOPPED_RUN)
+    run = subprocess.run(
+        [sys.executable, str(script), str(out), how],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT / "benches")},
+        timeout=50,
+        check=False,
+    )
+    if how == "error":
+        assert run.returncode == 1 and "ValueError: a real failure" in run.stderr, run.stderr
+        assert not out.exists()
+        return
+    record = json.loads(out.read_text())
+    rows = record["tables"][0]["rows"]
+    if how == "whole":
+        assert run.returncode == 0, run.stderr
+        assert record["stopped"] is None and rows == [["measured"], ["last"]]
+        assert "stopped by" not in render_docs.render(record)
+    else:
+        assert run.returncode == 124, run.stderr
+        assert record["stopped"].startswith("stopped by SIGTERM after ") and rows == [["measured"]]
+        assert record["stopped"] in render_docs.render(record)
 
 
 @pytest.mark.parametrize("name", sorted(RESULTS))
