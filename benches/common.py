@@ -363,6 +363,8 @@ class Report:
         finally:
             signal.signal(signal.SIGTERM, previous)
         self.write()
+        if self.stopped is not None:  # the body went on past the signal (a caught error)
+            raise SystemExit(124)
 
     def _stop(self, how: str) -> None:
         if self.stopped is None:
