@@ -11,6 +11,7 @@ engine core runs is checked over the configurations a GPU user gets.
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -28,6 +29,7 @@ from vllm.v1.worker.gpu.sample.logits_processor import (
 )
 
 from genlm_anyio.backends.vllm.capture import EXTENSION, KEY, FullLogprobs, FullLogprobsV2, RowsExtension, processor_for
+from genlm_anyio.backends.vllm.logs import PAUSE_LINE, SCHEDULER_LOGGER, quiet_scheduler_pauses
 from genlm_anyio.backends.vllm.options import multiprocess_engine
 from genlm_anyio.backends.vllm.rows import CapturedRows, RankedRows, WorkerRows, row_source
 
@@ -304,3 +306,22 @@ def test_a_dead_engine_process_fails_the_row_call_instead_of_hanging_it():
     [(kind, (client, call_id, method, args))] = sent
     assert kind is EngineCoreRequestType.UTILITY and client == 0 and call_id in core.utility_results
     assert (method, args) == ("collective_rpc", ("genlm_anyio_take_rows", None, (["a"], True), None))
+
+
+def test_importing_the_capture_drops_the_schedulers_pause_lines_and_no_other():
+    """What an engine process imports of genlm-anyio (the processor's module)
+    filters vLLM's scheduler logger: its pause-state lines go, the rest stay."""
+    logger = logging.getLogger(SCHEDULER_LOGGER)
+    assert len(logger.filters) == 1  # installed by the import at the top of this file
+    quiet_scheduler_pauses()  # a second install adds nothing
+    assert len(logger.filters) == 1
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    logger.addHandler(handler)
+    try:
+        logger.warning(PAUSE_LINE, "PAUSED_ALL")
+        logger.warning("another line of the scheduler's")
+    finally:
+        logger.removeHandler(handler)
+    assert seen == ["another line of the scheduler's"]

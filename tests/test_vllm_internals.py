@@ -11,6 +11,7 @@ import ast
 import importlib.util
 import subprocess
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -20,6 +21,7 @@ pytest.importorskip("vllm")
 
 from genlm_anyio.backends.vllm import internals
 from genlm_anyio.backends.vllm.internals import INTERNALS, Internal, check_internals, missing_internals
+from genlm_anyio.backends.vllm.logs import PAUSE_LINE, SCHEDULER_LOGGER
 from genlm_anyio.backends.vllm.lora import cpu_lora_slot_bug, slot_minus_one_gets_an_adapter
 
 pytestmark = pytest.mark.vllm
@@ -189,6 +191,17 @@ def test_the_gate_names_the_missing_piece_and_the_version(monkeypatch):
     monkeypatch.setattr(internals, "INTERNALS", (*INTERNALS, gone))
     with pytest.raises(RuntimeError, match=rf"vLLM {vllm.__version__} .*LLMEngine.__init__\(no_such_param\)"):
         check_internals()
+
+
+def test_the_quieted_pause_line_is_the_one_vllm_logs(wheel):
+    """``logs.quiet_scheduler_pauses`` drops records by their format and logger:
+    the installed vLLM's and 0.33's scheduler log that format, in that module."""
+    import vllm.v1.core.sched.scheduler as installed
+
+    assert installed.logger.name == SCHEDULER_LOGGER
+    path = SCHEDULER_LOGGER.replace(".", "/") + ".py"
+    for source in (Path(installed.__file__).read_text(), wheel.read(path).decode()):
+        assert f'logger.info("{PAUSE_LINE}", pause_state.name)' in source
 
 
 def _release_module(wheel: zipfile.ZipFile, path: str):

@@ -113,7 +113,7 @@ def test_a_killed_engine_process_fails_every_waiting_caller_and_close_returns(mo
         lm.close()
 
 
-def test_sis_on_the_multiprocess_engine_equals_sis_in_process(monkeypatch):
+def test_sis_on_the_multiprocess_engine_equals_sis_in_process(monkeypatch, capfd):
     """The same SIS run on the multiprocess engine, its rows through genlm-anyio's
     worker extension; on it again with a worker extension of the user's (vLLM
     takes one), its rows through ``logprobs=-1`` (vLLM's ranking, over the
@@ -138,6 +138,10 @@ def test_sis_on_the_multiprocess_engine_equals_sis_in_process(monkeypatch):
             # another process, which steps as soon as a request arrives, is held
             # while a round's requests go in.
             assert lm.engine.stats.engine_steps == lm.engine.stats.rounds >= 6, lm.engine.stats
+            if multiprocess:  # vLLM's line for each pause and resume is dropped in the engine process
+                logged = "".join(capfd.readouterr())
+                assert "(EngineCore" in logged  # the engine process's lines are the ones read here
+                assert "setting pause state" not in logged
             if source is WorkerRows:
                 # One row per engine request or resumed session, V float32s each.
                 stats = lm.engine.stats

@@ -37,6 +37,12 @@ from vllm.v1.sample.logits_processor.builtin import process_dict_updates
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsContext
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as LogitsProcessorV2
 
+from .logs import quiet_scheduler_pauses
+
+# An engine process imports this module (its configuration names the processor),
+# and that process runs the scheduler whose pause lines the engine's batches repeat.
+quiet_scheduler_pauses()
+
 KEY = "genlm_anyio.full_logprobs"
 """The ``SamplingParams.extra_args`` entry that marks a request: its value is the
 engine request id under which its row is kept."""
