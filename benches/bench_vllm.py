@@ -201,8 +201,8 @@ def main() -> None:
             try:
                 if args.check and name == "in-process":
                     checks = check(llm)
-                print(f"  checks: {checks}", flush=True)
-                table.notes.append(f"End-to-end checks of the {name} engine (passed): {checks}")
+                    print(f"  checks: {checks}", flush=True)
+                    table.notes.append(f"End-to-end checks of the {name} engine (passed): {checks}")
                 by_path = bytes_per_row(llm.vocab_size)
                 crossing = {
                     "CapturedRows": 0,

@@ -350,20 +350,19 @@ class Report:
         previous = signal.signal(signal.SIGTERM, stop)
         try:
             yield self
-        except BaseException as exc:
+        except KeyboardInterrupt:
+            self._stop("SIGINT")  # a no-op after SIGTERM, whose handler raised it
+        except BaseException:
             # Closing the benchmark's worker processes, which the signal reached too,
             # can raise something else on the way out: the stop decides.
-            if isinstance(exc, KeyboardInterrupt):
-                self._stop("SIGINT")
             if self.stopped is None:
                 raise
-            print(f"\n({self.stopped}: writing the rows measured so far)", flush=True)
-            self.write()
-            raise SystemExit(124) from None
         finally:
             signal.signal(signal.SIGTERM, previous)
+        if self.stopped is not None:
+            print(f"\n({self.stopped}: writing the rows measured so far)", flush=True)
         self.write()
-        if self.stopped is not None:  # the body went on past the signal (a caught error)
+        if self.stopped is not None:
             raise SystemExit(124)
 
     def _stop(self, how: str) -> None:
