@@ -3,8 +3,11 @@
 N particles each extend the same prompt by T tokens (EOS masked out), one
 ``await next_token_logprobs`` per particle per step, through AsyncVirtualLM.
 The floor is vLLM's ``LLM.generate`` of N sequences of T tokens after the same
-prompt, in a process of its own (``benches/workers.py vllm``) on the same model.
-Each engine configuration runs in turn:
+prompt, in a process of its own (``benches/workers.py vllm``) on the same model,
+with its engine core in that process; beside the multiprocess configuration
+also with its engine core in a process of its own, as that configuration's has
+(on a CPU this costs vLLM itself: its worker runs in a third process, see
+docs/vllm.md). Each engine configuration runs in turn:
 
 - ``in-process``: the engine core in this process; rows from genlm-anyio's logits
   processor (V1 model runner on CPU, V2 on a GPU with Triton), nothing sorted,
@@ -15,7 +18,7 @@ Each engine configuration runs in turn:
   the vocabulary, then ids and values over its socket), the path an engine
   without genlm-anyio's extension takes.
 
-SIS and ``LLM.generate`` alternate, best (and median) of ``--repeat`` (at least
+SIS and ``LLM.generate`` (each native engine) alternate, best (and median) of ``--repeat`` (at least
 3) after one warm-up each. Also prints the bytes that cross a process per row and
 per engine step in each configuration (vLLM's own encoder, on this model's
 vocabulary). ``--check`` first runs the end-to-end checks that benches/gpu.sh
@@ -33,6 +36,8 @@ import json
 import os
 import tempfile
 import time
+from contextlib import ExitStack
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -140,9 +145,10 @@ def paths(llm: Any) -> dict[str, Any]:
     return {type(own).__name__: own}
 
 
-def contenders(llm: Any, native: VLLMGenerate, n: int, steps: int) -> dict[str, Any]:
+def contenders(llm: Any, natives: dict[str, VLLMGenerate], n: int, steps: int) -> dict[str, Any]:
     """SIS through ``llm`` (once per row source of :func:`paths`) and
-    ``LLM.generate`` in ``native``'s process, at ``n`` x ``steps``, after the same prompt."""
+    ``LLM.generate`` in each of ``natives``' processes (by engine configuration),
+    at ``n`` x ``steps``, after the same prompt."""
     prompt = llm.tokenizer.encode("Montreal is")
     eos = llm.tokenizer.eos_token_id
 
@@ -158,7 +164,7 @@ def contenders(llm: Any, native: VLLMGenerate, n: int, steps: int) -> dict[str, 
 
     return {
         **{f"sis, {path}": sis(source) for path, source in paths(llm).items()},
-        "generate": lambda: native.generate(prompt, n, steps),
+        **{f"generate, {name}": partial(native.generate, prompt, n, steps) for name, native in natives.items()},
     }
 
 
@@ -188,12 +194,33 @@ def main() -> None:
     table = report.table(
         "SIS through AsyncVirtualLM / vLLM's LLM.generate in its own process, same model and sizes "
         f"(best of {args.repeat}, alternated)",
-        ["engine", "N x T", "SIS best", "SIS median", "LLM.generate best", "SIS / generate", "bytes / row"],
-        notes=["bytes / row: what crosses a process per log-probability row (0: rows stay in this process)"],
+        [
+            "engine",
+            "N x T",
+            "SIS best",
+            "SIS median",
+            "LLM.generate best, engine core in process",
+            "SIS / that",
+            "LLM.generate best, same engine configuration",
+            "SIS / that",
+            "bytes / row",
+        ],
+        notes=[
+            "bytes / row: what crosses a process per log-probability row (0: rows stay in this process)",
+            "LLM.generate runs in a process of its own, with its engine core in that process and, beside the "
+            "multiprocess configuration, also in a process of its own (the same engine configuration as the SIS "
+            "row's); each run is checked to have run on the engine core it is labelled with",
+        ],
     )
     if args.out:
         report.path = Path(args.out)
-    with report.written(), VLLMGenerate(model, **engine_opts) as native:
+    with report.written(), ExitStack() as stack:
+        # The natives start together (each in its own process) and stay up for every engine.
+        natives = {"in-process": VLLMGenerate(model, **engine_opts)}
+        if "multiprocess" in engines:
+            natives["multiprocess"] = VLLMGenerate(model, multiprocess=True, **engine_opts)
+        for native in natives.values():
+            stack.enter_context(native)
         for name in engines:
             start = time.perf_counter()
             llm = AsyncVirtualLM.from_name(model, engine_opts=engine_opts, multiprocess=name == "multiprocess")
@@ -210,9 +237,17 @@ def main() -> None:
                     "logprobs=-1": by_path["logprobs=-1"],
                 }
                 print(f"  {name}: bytes per row by path {by_path}", flush=True)
+                own_natives = {k: v for k, v in natives.items() if k in ("in-process", name)}
                 for n, steps in sizes:
-                    samples = alternate(contenders(llm, native, n, steps), repeats=args.repeat)
-                    gen = report.measure(f"{name}/{n}x{steps}/generate", samples["generate"])
+                    samples = alternate(contenders(llm, own_natives, n, steps), repeats=args.repeat)
+                    gens = {
+                        k: report.measure(
+                            f"{name}/{n}x{steps}/generate" + ("" if k == "in-process" else f" {k}"),
+                            samples[f"generate, {k}"],
+                        )
+                        for k in own_natives
+                    }
+                    inproc, same = gens["in-process"], gens[name]
                     for path in paths(llm):
                         key = "sis" if path in ("CapturedRows", "worker rows") else f"sis {path}"
                         sis = report.measure(f"{name}/{n}x{steps}/{key}", samples[f"sis, {path}"])
@@ -223,13 +258,17 @@ def main() -> None:
                             f"{n} x {steps}",
                             fmt(sis.best),
                             fmt(sis.median),
-                            fmt(gen.best),
-                            ratio(sis.best, gen.best),
+                            fmt(inproc.best),
+                            ratio(sis.best, inproc.best),
+                            fmt(same.best),
+                            ratio(sis.best, same.best),
                             row_bytes,
                         )
                         print(
-                            f"    {label} N={n} x {steps}: SIS {sis.best:.2f} s, LLM.generate {gen.best:.2f} s: "
-                            f"SIS / generate = {sis.best / gen.best:.2f}x; per step {row_bytes * n / 1e6:.1f} MB cross",
+                            f"    {label} N={n} x {steps}: SIS {sis.best:.2f} s, LLM.generate {inproc.best:.2f} s "
+                            f"(engine core in process), {same.best:.2f} s (same engine configuration): "
+                            f"SIS / generate = {sis.best / inproc.best:.2f}x, {sis.best / same.best:.2f}x; "
+                            f"per step {row_bytes * n / 1e6:.1f} MB cross",
                             flush=True,
                         )
             finally:

@@ -521,11 +521,15 @@ class VLLMGenerate(Worker):
     time (``prefill_s``), the distinct sequences, and resident memory. ``engine``
     holds ``vllm.LLM`` keyword arguments (``dtype``, ``block_size``...).
     ``VLLM_CPU_KVCACHE_SPACE`` defaults to 1 (GiB) in that process, and
-    ``OMP_NUM_THREADS`` to every CPU (as the other systems get).
+    ``OMP_NUM_THREADS`` to every CPU (as the other systems get). With
+    ``multiprocess``, vLLM's engine core runs in a process of its own (vLLM's
+    default), else in the worker's; each run's metrics name the engine core
+    client (``engine_core``) that served it, and :meth:`generate` checks it.
     """
 
-    def __init__(self, model: str, **engine: Any):
-        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    def __init__(self, model: str, multiprocess: bool = False, **engine: Any):
+        self.multiprocess = multiprocess
+        env = dict(os.environ, VLLM_ENABLE_V1_MULTIPROCESSING="1" if multiprocess else "0")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         env.setdefault("OMP_NUM_THREADS", str(os.cpu_count()))  # else vLLM serves on one thread
         super().__init__(
@@ -534,4 +538,9 @@ class VLLMGenerate(Worker):
 
     def generate(self, prompt: list[int], particles: int, tokens: int) -> Run:
         """One timed ``LLM.generate`` of ``particles`` x ``tokens`` after ``prompt``."""
-        return self.run("generate", prompt=prompt, particles=particles, tokens=tokens)
+        run = self.run("generate", prompt=prompt, particles=particles, tokens=tokens)
+        core = run.metrics["engine_core"]
+        if (core == "InprocClient") == self.multiprocess:
+            where = "in a process of its own" if self.multiprocess else "in the worker's process"
+            raise RuntimeError(f"LLM.generate ran on a {core}, not an engine core {where}")
+        return run

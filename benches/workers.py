@@ -235,6 +235,7 @@ def vllm_ops(model: str, model_obj: Any, tokenizer: Any, engine: dict[str, Any])
             "tokens_computed": None,
             "prompt_tokens_cached": min(cached) if cached else None,
             "distinct": len(set(rows)),
+            "engine_core": type(llm.llm_engine.engine_core).__name__,
             **memory.metrics,
         }
 
